@@ -1,0 +1,178 @@
+"""Typed, validated run configuration: the one place where defaults live.
+
+Every section is a pydantic model with ``extra="forbid"`` so an unknown key is an error that names its dotted
+path. Numeric strings such as ``1e-5`` (which PyYAML reads as ``str``) are accepted for float fields. This module
+must not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSection(Section):
+    """LoRA adapter attached with peft (LLaMA-Factory defaults, as the LifeAlign code uses)."""
+
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class ModelSection(Section):
+    """Which base model to load and how."""
+
+    name_or_path: str = "smollm2-135m-instruct"
+    """A hub id, a local directory, ``smollm2-135m-instruct`` (the bundled GGUF) or ``tiny`` (random, for tests)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of the base weights. Mixed precision is ``train.precision``."""
+    trust_remote_code: bool = False
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class LossTerm(Section):
+    """One weighted term of the training objective, e.g. ``{name: fpo, beta: 0.1}``.
+
+    ``name`` picks an entry of ``lifealign.losses.LOSSES``; the other keys are keyword arguments of that loss and
+    are checked against its signature when the run starts (``lifealign.losses.bind_loss``).
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = "dpo"
+    weight: float = 1.0
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataSection(Section):
+    """Tokenisation and record-validation policy shared by every task."""
+
+    max_length: int = Field(512, ge=8)
+    """Maximum prompt + response tokens. Truncation keeps the end of the prompt and the start of the response."""
+    max_prompt_length: int = Field(256, ge=1)
+    min_response_tokens: int = Field(1, ge=1)
+    on_invalid: Literal["error", "skip"] = "error"
+    """What to do with a schema violation (bad JSON, missing field, wrong type): stop, or skip and count."""
+    max_skipped_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """Abort a task when more than this fraction of its records is skipped."""
+    use_chat_template: bool = True
+    """Render prompts with the tokenizer's chat template (with the generation prompt) when it has one."""
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataSection:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("data.max_prompt_length must be smaller than data.max_length")
+        return self
+
+
+class TaskSection(Section):
+    """One alignment task of a stream."""
+
+    name: str
+    train: str | None = None
+    """A JSON/JSONL file, ``hub:<dataset name>``, or ``synthetic:<task>``."""
+    test: str | None = None
+    kind: Literal["pairwise", "negative"] = "pairwise"
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Column mapping from the file's keys to ours, e.g. ``{query: prompt}``."""
+    max_train: int | None = Field(None, gt=0)
+    max_test: int | None = Field(None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v.startswith(".") or ".." in v:
+            raise ValueError(f"task name {v!r} must be a plain name (no path separators or '..')")
+        return v
+
+
+class TrainSection(Section):
+    """Optimisation budget and loop behaviour for one stage."""
+
+    lr: float = Field(5e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps per stage; overrides ``epochs`` when set."""
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    precision: Literal["fp32", "bf16"] = "fp32"
+    cache_reference: bool = True
+    """Compute reference log-probs once per dataset (the reference never changes within a stage)."""
+    save_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_consecutive_nonfinite: int = Field(3, ge=1)
+    log_every: int = Field(1, gt=0)
+    tensorboard: bool = False
+    progress: bool = True
+
+
+class SFTSection(Section):
+    """The optional SFT stage on the chosen responses before the preference stage of each task."""
+
+    enabled: bool = False
+    lr: float = Field(1e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+
+
+class MethodSection(Section):
+    """A continual method: a named list of plugins plus the loss, e.g. LifeAlign = fpo + [replay, slmc]."""
+
+    name: str = "seqft"
+    """The key under which this method's scores are stored (``seqft``, ``lifealign``, ...)."""
+    loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dpo")])
+    plugins: list[dict[str, Any]] = Field(default_factory=list)
+    """``[{name: replay, buffer_size: 3000}, {name: slmc, theta: 0.9, lam: 0.5}]``; run in this order."""
+    runner: Literal["sequential", "mtl", "stl"] = "sequential"
+    reference: Literal["base", "previous"] = "base"
+    """``base``: the model with the adapter disabled (LifeAlign); ``previous``: the policy after the previous task."""
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
+
+class EvalSection(Section):
+    """Which scorers run after every task and on what."""
+
+    scorers: list[str] = Field(default_factory=lambda: ["pref_acc"])
+    on: Literal["seen", "all"] = "seen"
+    max_examples: int | None = Field(64, gt=0)
+    generation_examples: int = Field(16, ge=0)
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(8, gt=0)
+    drift: bool = True
+
+
+class RunConfig(Section):
+    """A whole run: model, data policy, tasks, method(s), optimisation and evaluation."""
+
+    output_dir: str = "runs/default"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    tasks: list[TaskSection] = Field(default_factory=list)
+    method: MethodSection = Field(default_factory=MethodSection)
+    methods: list[MethodSection] = Field(default_factory=list)
+    """Several methods compared on the same stream (each gets its own sub-folder); empty = just ``method``."""
+    train: TrainSection = Field(default_factory=TrainSection)
+    sft: SFTSection = Field(default_factory=SFTSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    def all_methods(self) -> list[MethodSection]:
+        return list(self.methods) if self.methods else [self.method]
