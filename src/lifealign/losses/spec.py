@@ -28,6 +28,13 @@ class LossInputs:
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
 
+    def require(self, *names: str) -> tuple[torch.Tensor, ...]:
+        """The named fields, in order; a ``ValueError`` naming every missing one if any is ``None``."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"loss inputs missing: {', '.join(missing)}")
+        return tuple(getattr(self, n) for n in names)
+
 
 @dataclass
 class LossOutput:

@@ -1,0 +1,164 @@
+"""``lifealign`` command line: argument parsing and error reporting only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 tasks.0.max_train=64")
+    p.add_argument("--out", help="output folder (default: the config's output_dir)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="yes",
+        choices=["yes", "auto"],
+        help="continue from the newest valid checkpoint (auto: start fresh when there is none)",
+    )
+    p.add_argument("--strict-resume", action="store_true", help="an invalid newest checkpoint is an error")
+    p.add_argument("--allow-config-change", action="store_true", help="resume although the config changed")
+    p.add_argument("--no-report", action="store_true", help="skip report.md and the figures")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lifealign", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_args(sub.add_parser("run", help="learn a stream of tasks with one or more methods, scoring every task"))
+    _add_run_args(sub.add_parser("train", help="train one preference task (DPO, IPO, FPO, ...) into a run folder"))
+    _add_run_args(sub.add_parser("unlearn", help="U2A: align by unlearning a selected, weighted subset of negatives"))
+    demo = sub.add_parser("demo", help="SeqFT vs LifeAlign on the offline synthetic suite with SmolLM2-135M")
+    demo.add_argument("overrides", nargs="*")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"])
+    report = sub.add_parser("report", help="one table and the figures across run folders")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--out", help="where report.md goes (default: the first run folder)")
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser("inspect", help="counts, skipped records by reason and length statistics")
+    inspect.add_argument("path")
+    inspect.add_argument("--columns", default="", help="column mapping, e.g. query=prompt,good=chosen")
+    inspect.add_argument("--model", help="also count tokens with this model's tokenizer (e.g. tiny)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _resume_flag(value: str | None) -> bool | str:
+    return {"yes": True, "auto": "auto", None: False}[value]
+
+
+def _cmd_run(args: argparse.Namespace, single_task: bool = False) -> int:
+    from lifealign.config.load import load_config
+    from lifealign.pipeline import run_experiment
+    from lifealign.report.markdown import summary_table
+
+    cfg = load_config(args.config, args.overrides)
+    if single_task and len(cfg.tasks) != 1:
+        raise ValueError(f"lifealign train takes exactly one task; the config lists {len(cfg.tasks)} (use `run`)")
+    scores = run_experiment(
+        cfg,
+        out_dir=args.out,
+        resume=_resume_flag(args.resume),
+        strict_resume=args.strict_resume,
+        allow_config_change=args.allow_config_change,
+        report=not args.no_report,
+    )
+    print(summary_table(scores))
+    print(f"\nrun folder: {Path(args.out or cfg.output_dir)}")
+    return 0
+
+
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from lifealign.config.load import load_config
+    from lifealign.unlearning.u2a import run_unlearning
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_unlearning(cfg, out_dir=args.out, resume=_resume_flag(args.resume))
+    print(json.dumps(result.get("table", result), indent=2, default=str))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    args.config = str(DEMO_CONFIG)
+    args.strict_resume = False
+    args.allow_config_change = False
+    args.no_report = False
+    return _cmd_run(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lifealign.report.markdown import write_report
+
+    out = Path(args.out or args.run_dirs[0])
+    path = write_report([Path(d) for d in args.run_dirs], out)
+    print(path.read_text())
+    print(f"\nreport: {path}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from lifealign.data.inspect import format_inspection, inspect_file
+
+    columns = dict(item.split("=", 1) for item in args.columns.split(",") if "=" in item) or None
+    tokenizer = None
+    if args.model:
+        from lifealign.config.schema import ModelSection
+        from lifealign.models.load import load_model_and_tokenizer
+
+        _, tokenizer = load_model_and_tokenizer(ModelSection(name_or_path=args.model))
+    result = inspect_file(args.path, columns=columns, tokenizer=tokenizer)
+    print(json.dumps(result, indent=2) if args.json else format_inspection(result))
+    return 0
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM behaves like Ctrl-C: stop, keep the last committed checkpoint, exit 143."""
+
+    def on_term(signum, frame):  # noqa: ARG001
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    _install_signal_handlers()
+    commands = {
+        "run": _cmd_run,
+        "train": lambda a: _cmd_run(a, single_task=True),
+        "unlearn": _cmd_unlearn,
+        "demo": _cmd_demo,
+        "report": _cmd_report,
+        "data": _cmd_data,
+    }
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last committed checkpoint is intact — resume with the same command + --resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ValueError | FileNotFoundError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Drift diagnostics: how far the policy has moved from the reference, and from itself when a task was learned.
+
+- **KL to the reference** on a task's held-out prompts, teacher-forced on the chosen responses: at every response
+  position ``t`` (the logits at ``t−1`` predict token ``t``) the full-distribution
+  ``KL_t = Σ_v p_t(v) (log p_t(v) − log q_t(v))`` with ``p = π(·|x, y_<t)``, ``q = π_ref(·|x, y_<t)``, averaged
+  over all response tokens of all pairs (token-weighted).
+- **Log-likelihood displacement** of task ``j``: ``mean_n (log π_now(y_c|x) − log π_j(y_c|x))`` and the same for
+  ``y_r``, where ``π_j`` is the policy right after task ``j`` was learned (summed response log-probs). A DPO-style
+  run typically pushes both down ("likelihood displacement"); forgetting shows as the chosen side falling back.
+
+The tensor functions are pure; :class:`DriftTracker` keeps the at-learning log-likelihoods and
+:func:`measure_drift` runs one task through a :class:`~lifealign.evaluation.scorers.base.EvalContext`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lifealign.data.collate import collate_pairs
+from lifealign.data.records import Task
+from lifealign.evaluation.scorers.base import EvalContext, PairLogps, eval_mode, task_examples
+from lifealign.evaluation.scorers.preference import policy_pair_logps
+
+__all__ = ["DriftTracker", "kl_to_reference", "mean_displacement", "measure_drift", "token_kl"]
+
+
+def token_kl(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed KL(π‖π_ref) over response positions, and the number of positions.
+
+    ``policy_logits``/``ref_logits (N, T, V)``, ``completion_mask (N, T)`` (1 on response tokens) ->
+    ``(kl_sum (N,) fp32, n_tokens (N,))``, ``kl_sum[i] = Σ_{t≥1, mask[i,t]=1} KL(softmax z[i,t−1] ‖ softmax
+    z_ref[i,t−1])``. One row at a time in fp32, so at most one ``(T, V)`` fp32 copy of each side exists.
+    """
+    mask = completion_mask[:, 1:].bool()  # (N, T-1): position t-1 predicts response token t
+    sums = []
+    for pol, ref, row_mask in zip(policy_logits[:, :-1], ref_logits[:, :-1], mask):
+        log_p = torch.log_softmax(pol.float(), dim=-1)  # (T-1, V)
+        log_q = torch.log_softmax(ref.float(), dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (T-1,)
+        sums.append(torch.where(row_mask, kl, torch.zeros_like(kl)).sum())
+    kl_sum = torch.stack(sums) if sums else torch.zeros(0)
+    return kl_sum, mask.sum(dim=-1)
+
+
+@torch.no_grad()
+def kl_to_reference(ctx: EvalContext, examples: list[dict[str, Any]]) -> float:
+    """Token-weighted mean ``KL(π‖π_ref)`` over the chosen responses of ``examples``; NaN if there are none."""
+    total, count = 0.0, 0
+    device = ctx.resolved_device()
+    with eval_mode(ctx.model):
+        for start in range(0, len(examples), ctx.eval.batch_size):
+            batch = collate_pairs(examples[start : start + ctx.eval.batch_size], ctx.tokenizer.pad_token_id, sides=("chosen",))
+            inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+            policy_logits = ctx.model(**inputs, use_cache=False).logits
+            with ctx.reference_policy():
+                ref_logits = ctx.model(**inputs, use_cache=False).logits
+            kl_sum, n_tokens = token_kl(policy_logits, ref_logits, batch["completion_mask"].to(device))
+            total += kl_sum.sum().item()
+            count += int(n_tokens.sum().item())
+    return total / count if count else math.nan
+
+
+def mean_displacement(now: PairLogps, then: PairLogps) -> tuple[float, float]:
+    """``(mean(chosen_now − chosen_then), mean(rejected_now − rejected_then))`` over the pairs both cover.
+
+    Pairs are matched by position when the id lists are equal, otherwise by id; NaN if nothing matches.
+    """
+    if now.ids == then.ids:
+        idx_now = idx_then = list(range(len(now.ids)))
+    else:
+        then_pos = {pid: k for k, pid in enumerate(then.ids)}
+        matched = [(k, then_pos[pid]) for k, pid in enumerate(now.ids) if pid in then_pos]
+        idx_now, idx_then = [a for a, _ in matched], [b for _, b in matched]
+    if not idx_now:
+        return math.nan, math.nan
+    d_chosen = now.chosen[idx_now].double() - then.chosen[idx_then].double()
+    d_rejected = now.rejected[idx_now].double() - then.rejected[idx_then].double()
+    return d_chosen.mean().item(), d_rejected.mean().item()
+
+
+@dataclass
+class DriftTracker:
+    """Summed chosen/rejected log-likelihoods of each task's held-out pairs at the time the task was learned."""
+
+    at_learning: dict[str, PairLogps] = field(default_factory=dict)
+
+    def record(self, task: str, logps: PairLogps) -> None:
+        """Remember ``logps`` as task ``task``'s at-learning values (a later call overwrites, e.g. on re-training)."""
+        self.at_learning[task] = PairLogps(list(logps.ids), logps.chosen.detach().clone(), logps.rejected.detach().clone())
+
+    def displacement(self, task: str, now: PairLogps) -> dict[str, float]:
+        """``{"chosen_displacement", "rejected_displacement"}`` since ``task`` was learned (NaN if never recorded)."""
+        then = self.at_learning.get(task)
+        chosen, rejected = mean_displacement(now, then) if then is not None else (math.nan, math.nan)
+        return {"chosen_displacement": chosen, "rejected_displacement": rejected}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state (floats as lists) for exact resume."""
+        return {
+            name: {"ids": lp.ids, "chosen": lp.chosen.tolist(), "rejected": lp.rejected.tolist()}
+            for name, lp in self.at_learning.items()
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.at_learning = {
+            name: PairLogps(
+                list(v["ids"]),
+                torch.tensor(v["chosen"], dtype=torch.float32),
+                torch.tensor(v["rejected"], dtype=torch.float32),
+            )
+            for name, v in state.items()
+        }
+
+
+def measure_drift(ctx: EvalContext, task: Task, tracker: DriftTracker, *, just_learned: bool) -> dict[str, float]:
+    """``{"kl", "chosen_displacement", "rejected_displacement"}`` for ``task`` under the current policy.
+
+    ``just_learned=True`` (the task was trained in this stage) first records the current log-likelihoods as the
+    task's at-learning values, so its displacement is 0 now and measured against them later.
+    """
+    now = policy_pair_logps(ctx, task)
+    if just_learned:
+        tracker.record(task.name, now)
+    return {"kl": kl_to_reference(ctx, task_examples(ctx, task)), **tracker.displacement(task.name, now)}

@@ -1,0 +1,159 @@
+"""The scorer contract and the evaluation context that scorers share.
+
+A scorer turns (model, task) into ``{<scorer name>: main score, <extra>: value, ...}``; the runner puts every key
+in its own score matrix. Scores are on a 0–100 scale where the metric has one (accuracy, ROUGE-L, BLEU-4, judge).
+
+One :class:`EvalContext` is built per evaluation pass (after training task ``i``): it caches what several scorers
+need so it is computed once per pass — the tokenized held-out pairs, the policy log-probs and the greedy
+generations of each task. The reference log-probs live in ``reference_cache``, which the caller may keep across
+passes because the reference (the base model, adapter disabled) never changes; with another reference (e.g. the
+``previous`` policy) pass a ``reference`` context factory and a distinct ``reference_key``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from lifealign.config.schema import DataSection, EvalSection
+from lifealign.data.records import PreferencePair, Prompt, Task
+from lifealign.data.tokenize import tokenize_pairs
+from lifealign.evaluation.generate import generate_completions
+from lifealign.models.lora import reference_context
+
+__all__ = [
+    "EvalContext",
+    "Generations",
+    "PairLogps",
+    "Scorer",
+    "eval_mode",
+    "eval_records",
+    "task_examples",
+    "task_generations",
+]
+
+
+@dataclass
+class PairLogps:
+    """Summed response log-probs of held-out pairs: ``chosen``/``rejected`` are ``(n,)`` fp32, aligned with ``ids``."""
+
+    ids: list[str]
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+
+@dataclass
+class Generations:
+    """Greedy completions for a task's first ``generation_examples`` test prompts, with the chosen references."""
+
+    ids: list[str]
+    prompts: list[Prompt]
+    completions: list[str]
+    references: list[str]
+
+
+@dataclass
+class EvalContext:
+    """Everything a scorer reads, plus the per-pass caches that let scorers share work."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    data: DataSection
+    eval: EvalSection
+    device: torch.device | str | None = None
+    """Where batches go; ``None`` = the device of the model's first parameter."""
+    reference: Callable[[], contextlib.AbstractContextManager] | None = None
+    """A context factory inside which ``model`` is the reference policy; ``None`` = adapter disabled (base)."""
+    reference_key: str = "base"
+    reference_cache: dict[tuple[str, str], PairLogps] = field(default_factory=dict)
+    """``(reference_key, task name) -> PairLogps``; may be shared across passes (the base never changes)."""
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    policy_cache: dict[str, PairLogps] = field(default_factory=dict)
+    generations: dict[str, Generations] = field(default_factory=dict)
+
+    def resolved_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return next(self.model.parameters()).device
+
+    def reference_policy(self) -> contextlib.AbstractContextManager:
+        """Enter to make ``model`` the reference policy."""
+        return self.reference() if self.reference is not None else reference_context(self.model)
+
+    def new_pass(self) -> None:
+        """Forget what depends on the current weights (call after training changed the model)."""
+        self.policy_cache.clear()
+        self.generations.clear()
+
+
+class Scorer(ABC):
+    """A named metric on one task. ``needs_generation`` scorers read :func:`task_generations`."""
+
+    name: ClassVar[str] = ""
+    needs_generation: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(self, ctx: EvalContext, task: Task) -> dict[str, float]:
+        """``{self.name: main score, <extra metric>: value, ...}``; NaN when the task has nothing to score."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model.eval()`` and no autograd inside the block; the previous train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def eval_records(task: Task, limit: int | None) -> list[PreferencePair]:
+    """The held-out pairs scored for ``task``: the first ``limit`` test records (all when ``limit`` is None)."""
+    return list(task.test if limit is None else task.test[:limit])
+
+
+def task_examples(ctx: EvalContext, task: Task) -> list[dict[str, Any]]:
+    """Tokenized held-out pairs of ``task`` (first ``eval.max_examples``), cached in ``ctx.examples``."""
+    if task.name not in ctx.examples:
+        records = eval_records(task, ctx.eval.max_examples)
+        ctx.examples[task.name] = list(tokenize_pairs(records, ctx.tokenizer, ctx.data).examples) if records else []
+    return ctx.examples[task.name]
+
+
+def task_generations(ctx: EvalContext, task: Task) -> Generations:
+    """Greedy completions of the first ``eval.generation_examples`` test prompts, generated once per pass.
+
+    Prompts are tokenized exactly as for training (``tokenize_pairs``: chat template, prompt truncation keeping
+    the end), one record at a time so each completion stays paired with its record even if one is skipped.
+    """
+    if task.name in ctx.generations:
+        return ctx.generations[task.name]
+    kept: list[tuple[PreferencePair, dict[str, Any]]] = []
+    for record in eval_records(task, ctx.eval.generation_examples):
+        tokenized = tokenize_pairs([record], ctx.tokenizer, ctx.data).examples
+        if tokenized:
+            kept.append((record, tokenized[0]))
+    with eval_mode(ctx.model):
+        completions = generate_completions(
+            ctx.model,
+            ctx.tokenizer,
+            [example["prompt_ids"] for _, example in kept],
+            max_new_tokens=ctx.eval.max_new_tokens,
+            batch_size=ctx.eval.batch_size,
+            device=ctx.resolved_device(),
+        )
+    gens = Generations(
+        ids=[example["id"] for _, example in kept],
+        prompts=[record.prompt for record, _ in kept],
+        completions=completions,
+        references=[record.chosen for record, _ in kept],
+    )
+    ctx.generations[task.name] = gens
+    return gens

@@ -1,0 +1,130 @@
+"""Implicit-reward preference accuracy and margin on held-out pairs (no generation).
+
+With the DPO implicit reward ``r(x, y) = β (log π(y|x) − log π_ref(y|x))`` (LifeAlign Eq. 1; trl's
+``rewards/accuracies`` and ``rewards/margins``), over the held-out pairs ``(x, y_c, y_r)``:
+
+    pref_acc = 100 · mean( 1[r_c > r_r] + ½ · 1[r_c = r_r] )
+    margin   = mean( r_c − r_r )
+
+Log-probs are summed over response tokens. ``β > 0`` rescales the rewards, so it changes ``margin`` but never the
+accuracy. A fresh adapter (policy = reference) scores exactly 50 (every pair is a tie).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lifealign.data.collate import collate_pairs
+from lifealign.data.records import Task
+from lifealign.evaluation.scorers.base import EvalContext, PairLogps, Scorer, eval_mode, task_examples
+from lifealign.losses.logps import sequence_logps
+
+__all__ = [
+    "PreferenceAccuracy",
+    "pair_logps",
+    "policy_pair_logps",
+    "preference_accuracy",
+    "reference_pair_logps",
+]
+
+
+def preference_accuracy(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[float, float]:
+    """``(accuracy ×100, mean margin)`` of the implicit rewards ``β(logπ − logπ_ref)``; all inputs ``(n,)``.
+
+    Ties count one half. NaN for ``n = 0``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if policy_chosen.numel() == 0:
+        return math.nan, math.nan
+    r_chosen = beta * (policy_chosen.double() - ref_chosen.double())
+    r_rejected = beta * (policy_rejected.double() - ref_rejected.double())
+    wins = (r_chosen > r_rejected).double() + 0.5 * (r_chosen == r_rejected).double()
+    return 100.0 * wins.mean().item(), (r_chosen - r_rejected).mean().item()
+
+
+@torch.no_grad()
+def pair_logps(
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    pad_id: int,
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> PairLogps:
+    """Summed response log-probs of the chosen and rejected side of every example, one forward per batch."""
+    chosen: list[torch.Tensor] = []
+    rejected: list[torch.Tensor] = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate_pairs(examples[start : start + batch_size], pad_id)
+        input_ids = batch["input_ids"].to(device)  # (2B, T), chosen rows then rejected rows
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+        logps, _ = sequence_logps(logits, input_ids, batch["completion_mask"].to(device))
+        b = batch["n_pairs"]
+        chosen.append(logps[:b].float().cpu())
+        rejected.append(logps[b : 2 * b].float().cpu())
+    empty = torch.zeros(0)
+    return PairLogps(
+        ids=[str(e["id"]) for e in examples],
+        chosen=torch.cat(chosen) if chosen else empty,
+        rejected=torch.cat(rejected) if rejected else empty,
+    )
+
+
+def policy_pair_logps(ctx: EvalContext, task: Task) -> PairLogps:
+    """The current policy's log-probs on the task's held-out pairs, computed once per evaluation pass."""
+    if task.name not in ctx.policy_cache:
+        with eval_mode(ctx.model):
+            ctx.policy_cache[task.name] = pair_logps(
+                ctx.model,
+                task_examples(ctx, task),
+                ctx.tokenizer.pad_token_id,
+                batch_size=ctx.eval.batch_size,
+                device=ctx.resolved_device(),
+            )
+    return ctx.policy_cache[task.name]
+
+
+def reference_pair_logps(ctx: EvalContext, task: Task) -> PairLogps:
+    """The reference's log-probs on the same pairs, cached under ``(ctx.reference_key, task)`` across passes."""
+    examples = task_examples(ctx, task)
+    key = (ctx.reference_key, task.name)
+    cached = ctx.reference_cache.get(key)
+    if cached is None or cached.ids != [str(e["id"]) for e in examples]:
+        with eval_mode(ctx.model), ctx.reference_policy():
+            cached = pair_logps(
+                ctx.model,
+                examples,
+                ctx.tokenizer.pad_token_id,
+                batch_size=ctx.eval.batch_size,
+                device=ctx.resolved_device(),
+            )
+        ctx.reference_cache[key] = cached
+    return cached
+
+
+class PreferenceAccuracy(Scorer):
+    """``pref_acc`` (0–100) and ``margin`` (reward units) of the implicit reward on ``eval.max_examples`` pairs."""
+
+    name = "pref_acc"
+    needs_generation = False
+
+    def __init__(self, beta: float = 0.1) -> None:
+        self.beta = beta
+
+    def score(self, ctx: EvalContext, task: Task) -> dict[str, float]:
+        policy = policy_pair_logps(ctx, task)
+        reference = reference_pair_logps(ctx, task)
+        accuracy, margin = preference_accuracy(
+            policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta=self.beta
+        )
+        return {self.name: accuracy, "margin": margin}

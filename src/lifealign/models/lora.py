@@ -1,0 +1,180 @@
+"""LoRA adapters with peft: attach, disable (the reference policy), snapshot/restore, save/load.
+
+A LoRA'd linear layer computes ``h = W x + (alpha / r) * B A x`` with the base ``W`` frozen, ``A`` of shape
+``(r, d_in)`` and ``B`` of shape ``(d_out, r)`` (peft initialises ``B = 0``, so a fresh adapter is the identity
+update). LifeAlign's reference policy ``pi_ref`` is the base model, i.e. the same network with the adapter
+disabled (METHODS.md §1.2), so no second copy of the weights is kept.
+
+Tensor names are peft's parameter names (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``):
+they depend only on the architecture and adapter name, so they are stable across processes and usable as
+checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from lifealign.config.schema import LoraSection
+
+__all__ = [
+    "ADAPTER_WEIGHTS_FILE",
+    "LoraStateError",
+    "attach_lora",
+    "enable_input_grads_if_checkpointing",
+    "load_adapter",
+    "load_lora_state",
+    "lora_modules",
+    "lora_parameters",
+    "lora_state",
+    "reference_context",
+    "save_adapter",
+]
+
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+_LORA_WEIGHT = re.compile(r"\.lora_[AB]\.")
+
+
+class LoraStateError(ValueError):
+    """A LoRA state or saved adapter does not match the model's adapter (missing, unexpected or mis-shaped keys)."""
+
+
+def attach_lora(model: nn.Module, cfg: LoraSection) -> PeftModel:
+    """Wrap ``model`` in a peft LoRA adapter ``default``; only ``lora_A``/``lora_B`` stay trainable.
+
+    Scale is ``alpha / r`` (plain LoRA, not rsLoRA); no bias is trained.
+    """
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+@contextmanager
+def reference_context(model: PeftModel) -> Iterator[PeftModel]:
+    """Inside the block ``model`` is the reference policy (adapter disabled: ``h = W x``); restored on exit."""
+    with model.disable_adapter():
+        yield model
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable ``lora_A``/``lora_B`` weight parameters of ``model``, by peft parameter name."""
+    return {
+        name: param
+        for name, param in model.named_parameters()
+        if param.requires_grad and _LORA_WEIGHT.search(name) is not None
+    }
+
+
+def lora_state(model: nn.Module) -> dict[str, Tensor]:
+    """Detached clones of the trainable LoRA weights (a snapshot that later training does not change)."""
+    return {name: param.detach().clone() for name, param in lora_parameters(model).items()}
+
+
+def load_lora_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` (from :func:`lora_state`) into the trainable LoRA weights, in place.
+
+    Raises ``LoraStateError`` on any missing or unexpected key or shape mismatch, before changing anything.
+    """
+    params = lora_parameters(model)
+    _check_same_keys(set(params), set(state), what="LoRA state")
+    for name, param in params.items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise LoraStateError(f"LoRA state {name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+    """Each LoRA'd module name -> its ``(lora_A.weight (r, d_in), lora_B.weight (d_out, r))`` parameters.
+
+    The parameters themselves are returned (not copies), so a caller may edit them in place under ``no_grad``.
+    ``adapter_name`` defaults to the model's active adapter.
+    """
+    adapter = adapter_name or _active_adapter(model)
+    return {
+        name: (module.lora_A[adapter].weight, module.lora_B[adapter].weight)
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
+    }
+
+
+def save_adapter(model: PeftModel, path: str | Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``path`` (peft ``save_pretrained``)."""
+    path = Path(path)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def load_adapter(base_model: nn.Module, path: str | Path, is_trainable: bool = False) -> PeftModel:
+    """``PeftModel.from_pretrained`` on ``base_model``, then check every saved tensor landed unchanged.
+
+    peft only warns on missing adapter keys (peft #2118); here a missing, unexpected or differing tensor raises
+    ``LoraStateError``, so an adapter from a different base or a truncated file never loads silently.
+    """
+    path = Path(path)
+    weights = path / ADAPTER_WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_FILE} in adapter directory {path}")
+    saved = load_file(str(weights))
+    model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+    loaded = get_peft_model_state_dict(model)
+    _check_same_keys(set(loaded), set(saved), what=f"adapter {path}")
+    for name, tensor in saved.items():
+        if not torch.equal(loaded[name].to(tensor.dtype), tensor):
+            raise LoraStateError(f"adapter {path}: tensor {name} differs from the file after loading")
+    return model
+
+
+def enable_input_grads_if_checkpointing(model: nn.Module) -> bool:
+    """Make the embedding output require grad when activation checkpointing is on; returns whether it is on.
+
+    With a frozen base, reentrant checkpointed blocks receive inputs that do not require grad, so the LoRA weights
+    inside them would get no gradient. transformers 5 registers this hook itself in
+    ``activation_checkpointing_enable``, but not when checkpointing was switched on another way or the hook was
+    removed (``disable_input_require_grads``); calling this before training makes it certain, and is idempotent.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not _is_checkpointing(base):
+        return False
+    # transformers keeps the registered hooks here; registering twice would stack duplicate hooks.
+    if not getattr(base, "_require_grads_hooks", None):
+        base.enable_input_require_grads()
+    return True
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    # ``is_gradient_checkpointing`` is deprecated (FutureWarning) in transformers 5; prefer the new name.
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def _active_adapter(model: nn.Module) -> str:
+    adapter = getattr(model, "active_adapter", None)
+    if isinstance(adapter, list | tuple):  # peft returns a list when several adapters are active
+        adapter = adapter[0]
+    if not isinstance(adapter, str):
+        raise LoraStateError("model has no active LoRA adapter (was attach_lora called?)")
+    return adapter
+
+
+def _check_same_keys(expected: set[str], given: set[str], what: str) -> None:
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise LoraStateError(f"{what} does not match the model: missing keys {missing}, unexpected keys {unexpected}")

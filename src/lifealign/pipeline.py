@@ -1,0 +1,156 @@
+"""The whole job behind ``lifealign run`` and ``lifealign train``: config → data + model → methods → scores → report.
+
+Output folder layout (``run_dir``)::
+
+    config.yaml          the resolved config (secrets redacted)
+    data_summary.json    records read / skipped by reason per task
+    scores.json          {"<method>": {"<metric>": {"matrix", "bwt", "last", "ap", "fwt", ...}}}
+    report.md, *.png     tables and heatmaps
+    <method>/            metrics.jsonl, checkpoints/, adapter/ (peft format), memory.json
+                         (with a single method these live directly in run_dir)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lifealign.config.schema import RunConfig
+from lifealign.data.loaders import load_stream
+from lifealign.data.records import TaskStream
+
+logger = logging.getLogger(__name__)
+
+
+class OutputDirError(RuntimeError):
+    """The output folder cannot be written; raised before any model is loaded."""
+
+
+def preflight_output_dir(run_dir: Path) -> None:
+    """Fail fast (before loading a model) when ``run_dir`` cannot be created or written."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputDirError(f"output directory {run_dir} is not writable: {parent} is a file")
+            break
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputDirError(f"output directory {run_dir} is not writable: {exc.strerror or exc}") from None
+
+
+def write_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
+    """``run_dir/config.yaml``: the resolved config, with secret-named keys and known secret values redacted."""
+    from lifealign.security import known_secrets, redact
+
+    clean = redact(cfg.model_dump(mode="json"), known_secrets(cfg))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(clean, sort_keys=False))
+
+
+def _data_summary(stream: TaskStream) -> dict[str, Any]:
+    return {
+        t.name: {"train": len(t.train), "test": len(t.test), "kind": t.kind, "skipped": dict(t.skipped)}
+        for t in stream
+    }
+
+
+def build_scorers(cfg: RunConfig) -> list[Any]:
+    from lifealign.evaluation.scorers import build_scorers as build
+
+    return build(cfg.eval.scorers)
+
+
+def make_accelerator(cfg: RunConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def load_base_with_adapter(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
+    """The base model + a freshly initialised LoRA adapter (seeded, so every method starts from the same one)."""
+    from lifealign.models.load import load_model_and_tokenizer
+    from lifealign.models.lora import attach_lora
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    model = attach_lora(model, cfg.model.lora)
+    return model, tokenizer
+
+
+def run_experiment(
+    cfg: RunConfig,
+    out_dir: str | Path | None = None,
+    resume: bool | str = False,
+    strict_resume: bool = False,
+    allow_config_change: bool = False,
+    report: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Run every method of ``cfg`` over its task stream; returns (and writes) ``scores.json``'s content."""
+    from lifealign.continual.runner import StreamRunner, resume_or_start
+    from lifealign.models.lora import lora_state
+    from lifealign.report.results import write_scores
+
+    run_dir = Path(out_dir or cfg.output_dir)
+    preflight_output_dir(run_dir)
+    if not cfg.tasks:
+        raise ValueError("tasks: the config lists no task")
+    started = time.monotonic()
+    stream = load_stream(cfg.tasks, cfg.data)
+    accelerator = make_accelerator(cfg)
+    if accelerator.is_main_process:
+        write_resolved_config(cfg, run_dir)
+        (run_dir / "data_summary.json").write_text(json.dumps(_data_summary(stream), indent=2))
+    model, tokenizer = load_base_with_adapter(cfg)
+    model = accelerator.prepare(model)
+    init_adapter = lora_state(accelerator.unwrap_model(model))
+    scorers = build_scorers(cfg)
+    methods = cfg.all_methods()
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods: names must be distinct, got {names}")
+    all_scores: dict[str, dict[str, Any]] = {}
+    reference_cache: dict = {}
+    timings: dict[str, float] = {}
+    for method in methods:
+        method_dir = run_dir if len(methods) == 1 else run_dir / method.name
+        method_dir.mkdir(parents=True, exist_ok=True)
+        runner = StreamRunner(
+            cfg, method, stream, model, tokenizer, accelerator, method_dir, init_adapter, scorers, reference_cache
+        )
+        resume_or_start(runner, resume, strict_resume, allow_config_change)
+        all_scores[method.name] = runner.run()
+        timings[method.name] = runner.state.elapsed
+        if accelerator.is_main_process:
+            memory = {p.name: p.memory_report() for p in runner.plugins if hasattr(p, "memory_report")}
+            info = {
+                "references": runner.state.references,
+                "stages": runner.state.stage_results,
+                "elapsed_seconds": runner.state.elapsed,
+                "memory": memory,
+            }
+            (method_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+    if accelerator.is_main_process:
+        write_scores(run_dir, all_scores)
+        (run_dir / "timings.json").write_text(
+            json.dumps({"methods": timings, "wall_seconds": time.monotonic() - started}, indent=2)
+        )
+        if report:
+            from lifealign.report.markdown import write_report
+
+            write_report([run_dir], run_dir)
+    accelerator.wait_for_everyone()
+    return all_scores

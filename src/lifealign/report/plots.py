@@ -1,0 +1,120 @@
+"""PNG plots for the report: score-matrix heatmaps, per-task curves, and generic bar / histogram helpers.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure``), never through
+``pyplot``: no global backend or figure registry, so plotting works headless and leaks nothing between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_bar", "plot_histogram", "plot_score_matrix", "plot_task_curves"]
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _matrix(summary: Mapping[str, Any]) -> np.ndarray:
+    return np.array([[math.nan if v is None else float(v) for v in row] for row in summary["matrix"]], dtype=float)
+
+
+def _task_names(summary: Mapping[str, Any], n: int) -> list[str]:
+    return list(summary.get("tasks") or [f"T{k + 1}" for k in range(n)])
+
+
+def plot_score_matrix(summary: Mapping[str, Any], title: str, path: str | Path) -> Path:
+    """Heatmap of ``m[i][j]`` (row = after training task i, column = test task j), each cell annotated.
+
+    Unevaluated cells (NaN, the upper triangle for ``eval.on: seen``) are left blank, as in the paper's figure.
+    """
+    m = _matrix(summary)
+    n = m.shape[0]
+    tasks = _task_names(summary, n)
+    fig = _new_figure(1.6 + 0.9 * max(n, 2), 1.2 + 0.7 * max(n, 2))
+    ax = fig.add_subplot()
+    finite = m[np.isfinite(m)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    image = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    midpoint = (vmin + vmax) / 2
+    for i in range(n):
+        for j in range(n):
+            if math.isfinite(m[i, j]):
+                color = "black" if m[i, j] > midpoint else "white"
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(n), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(n), [f"after {t}" for t in tasks])
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("trained through task")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_task_curves(summary: Mapping[str, Any], title: str, path: str | Path, ylabel: str = "score") -> Path:
+    """One line per task ``j``: its score ``m[i][j]`` after each training stage ``i`` where it was evaluated."""
+    m = _matrix(summary)
+    n = m.shape[0]
+    tasks = _task_names(summary, n)
+    fig = _new_figure(6.0, 3.8)
+    ax = fig.add_subplot()
+    for j, task in enumerate(tasks):
+        stages = [i for i in range(n) if math.isfinite(m[i, j])]
+        if stages:
+            ax.plot(stages, [m[i, j] for i in stages], marker="o", label=task)
+    ax.set_xticks(range(n), [f"after {t}" for t in tasks], rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if n:
+        ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_bar(
+    labels: Sequence[str], values: Sequence[float], title: str, path: str | Path, ylabel: str = ""
+) -> Path:
+    """A labelled bar chart (e.g. SLMC kept energy per layer, or a metric per method); NaN bars are left empty."""
+    if len(labels) != len(values):
+        raise ValueError(f"{len(labels)} labels but {len(values)} values")
+    fig = _new_figure(max(4.0, 0.5 * len(labels) + 2.0), 3.6)
+    ax = fig.add_subplot()
+    heights = [0.0 if not math.isfinite(v) else float(v) for v in values]
+    bars = ax.bar(range(len(labels)), heights, color="tab:blue")
+    ax.bar_label(bars, labels=["" if not math.isfinite(v) else f"{v:.3g}" for v in values], fontsize=7)
+    ax.set_xticks(range(len(labels)), list(labels), rotation=45 if len(labels) > 6 else 0, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_histogram(
+    values: Sequence[float], title: str, path: str | Path, bins: int = 30, xlabel: str = ""
+) -> Path:
+    """A histogram of the finite ``values`` (e.g. U2A per-example impact scores), with a line at zero if in range."""
+    data = np.array([v for v in values if math.isfinite(v)], dtype=float)
+    fig = _new_figure(5.5, 3.6)
+    ax = fig.add_subplot()
+    ax.hist(data, bins=bins, color="tab:orange", edgecolor="black", linewidth=0.3)
+    if data.size and data.min() < 0 < data.max():
+        ax.axvline(0.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(f"{title} (n={data.size})")
+    return _save(fig, path)
