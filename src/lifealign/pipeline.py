@@ -109,7 +109,7 @@ def run_experiment(
     if not cfg.tasks:
         raise ValueError("tasks: the config lists no task")
     started = time.monotonic()
-    stream = load_stream(cfg.tasks, cfg.data)
+    stream = load_stream(cfg.tasks, cfg.data, seed=cfg.train.seed)
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         write_resolved_config(cfg, run_dir)

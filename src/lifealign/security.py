@@ -49,7 +49,9 @@ def redact(obj: Any, secrets: Iterable[str]) -> Any:
         return redact_text(obj, secrets)
     if isinstance(obj, Mapping):
         return {
-            (redact_text(k, secrets) if isinstance(k, str) else k): (REDACTED if is_secret_key(k) else redact(v, secrets))
+            (redact_text(k, secrets) if isinstance(k, str) else k): (
+                REDACTED if is_secret_key(k) else redact(v, secrets)
+            )
             for k, v in obj.items()
         }
     if isinstance(obj, list | tuple):

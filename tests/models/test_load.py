@@ -117,7 +117,9 @@ def test_relative_local_dir(tmp_path, monkeypatch):
     assert isinstance(model, LlamaForCausalLM)
 
 
-@pytest.mark.parametrize("name", ["./no/such/model", "/nonexistent-lifealign/model", "~/nonexistent-lifealign-x", "a/b/c"])
+@pytest.mark.parametrize(
+    "name", ["./no/such/model", "/nonexistent-lifealign/model", "~/nonexistent-lifealign-x", "a/b/c"]
+)
 def test_nonexistent_path_fails_fast_naming_path(name):
     start = time.perf_counter()
     with pytest.raises(ModelPathNotFoundError) as info:
@@ -152,6 +154,14 @@ def test_dir_without_config_or_a_file_is_refused(tmp_path):
     file.write_bytes(b"")
     with pytest.raises(ModelLoadError, match="not a directory"):
         _load(str(file))
+
+
+def test_remote_code_model_needs_explicit_trust(tmp_path):
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "custom_xyz", "auto_map": auto_map}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="requires trust_remote_code; set model.trust_remote_code: true"):
+        _load(str(tmp_path))
 
 
 def test_tokenizer_larger_than_embeddings_is_refused(tmp_path):

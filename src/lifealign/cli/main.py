@@ -74,7 +74,8 @@ def _cmd_run(args: argparse.Namespace, single_task: bool = False) -> int:
         allow_config_change=args.allow_config_change,
         report=not args.no_report,
     )
-    print(summary_table(scores))
+    metrics = list(dict.fromkeys(m for by_metric in scores.values() for m in by_metric))
+    print("\n".join(summary_table(scores, metrics, avg=False)))
     print(f"\nrun folder: {Path(args.out or cfg.output_dir)}")
     return 0
 

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lifealign.evaluation.judge import JudgeSection
+
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
@@ -158,6 +160,14 @@ class EvalSection(Section):
     max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(8, gt=0)
     drift: bool = True
+    judge: JudgeSection | None = None
+    """The LLM judge's endpoint (scorer ``judge``); the key is read from the env variable ``judge.api_key_env``."""
+    reward_model: str | None = None
+    """Local path of a sequence-classification reward model (scorer ``reward_model``)."""
+
+
+# Imported here, after ``Section`` exists: ``config/unlearn.py`` subclasses it (importing it at the top would cycle).
+from lifealign.config.unlearn import UnlearnSection  # noqa: E402
 
 
 class RunConfig(Section):
@@ -173,6 +183,8 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     sft: SFTSection = Field(default_factory=SFTSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    unlearn: UnlearnSection = Field(default_factory=UnlearnSection)
+    """U2A (``lifealign unlearn``) and the negative-only tasks of a stream."""
 
     def all_methods(self) -> list[MethodSection]:
         return list(self.methods) if self.methods else [self.method]

@@ -12,7 +12,7 @@ which is how the tests run offline.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -183,16 +183,17 @@ def fetch_split(spec: HubSpec, hub_split: str, path: str | None, data_files: Any
         raise DataError(f"could not load {source!r} split {hub_split!r}: {type(e).__name__}: {e}") from e
 
 
-def map_rows(rows: Any, indices: Any, spec: HubSpec, source: str) -> tuple[list[PreferencePair], list[str],
-                                                                           Counter[str], int]:
-    """Apply the mapper and the record checks to the selected rows; returns (pairs, errors, reasons, filtered)."""
+def map_rows(rows: Iterable[tuple[int, Row]], mapper: Mapper, source: str) -> tuple[list[PreferencePair], list[str],
+                                                                                  Counter[str], int]:
+    """Apply the mapper and the record checks to ``(row index, row)`` pairs; returns (pairs, errors, reasons,
+    filtered)."""
     pairs: list[PreferencePair] = []
     errors: list[str] = []
     reasons: Counter[str] = Counter()
     filtered = 0
-    for i in indices:
+    for i, row in rows:
         try:
-            pair = spec.mapper(rows[i])
+            pair = mapper(row)
             if pair is None:
                 filtered += 1
                 continue
@@ -229,7 +230,8 @@ def load_hub_task(name: str, split: str = "train", *, hub_split: str | None = No
     rows = fetch_split(spec, hub_split, path, data_files, cache_dir)
     source = f"{name}:{hub_split}"
     indices = holdout_rows(len(rows), split, spec.holdout_every)
-    pairs, errors, reasons, filtered = map_rows(rows, indices, spec, source)
+    selected = rows if spec.holdout_every is None else rows.select(indices)  # iterating beats rows[i] lookups
+    pairs, errors, reasons, filtered = map_rows(zip(indices, selected), spec.mapper, source)
     if errors and on_invalid == "error":
         raise DataError(format_errors(source, errors))
     pairs = [replace(p, task=task) for p in pairs]

@@ -526,8 +526,11 @@ def synthetic_task(section: TaskSection, seed: int) -> Task:
     if len(names) != 1:
         raise DataError(f"task {section.name!r}: train and test name different synthetic tasks: {sorted(names)}")
     name = names.pop()
-    return make_synthetic_task(name, seed=seed, n_train=section.max_train or DEFAULT_SYNTHETIC_TRAIN,
-                               n_test=section.max_test or DEFAULT_SYNTHETIC_TEST)
+    try:
+        return make_synthetic_task(name, seed=seed, n_train=section.max_train or DEFAULT_SYNTHETIC_TRAIN,
+                                   n_test=section.max_test or DEFAULT_SYNTHETIC_TEST)
+    except ValueError as e:
+        raise DataError(f"task {section.name!r}: {e}") from e
 
 
 def check_usable(section: TaskSection, split: str, result: LoadResult, data: DataSection) -> None:

@@ -122,17 +122,18 @@ def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
 
 
 def encode_pair(record: PreferencePair, tokenizer: Any, chat: bool,
-                sides: Sequence[str] = ("chosen", "rejected")) -> tuple[list[int], dict[str, list[int]], int]:
-    """Untruncated ``(prompt_ids, {side: response_ids}, n_prompt_tokens_dropped)`` as trl 1.16 builds them.
+                sides: Sequence[str] = ("chosen", "rejected")) -> tuple[list[int], dict[str, list[int]], list[int]]:
+    """Untruncated ``(prompt_ids, {side: response_ids}, dropped_prompt_ids)`` as trl 1.16 builds them.
 
     The prompt is cut to ``L = min_side lcp(prompt_ids, full_ids[side])`` and each response is ``full[L:]``;
-    the last value is ``len(prompt_ids) - L`` (0 when the prompt is a prefix of every full sequence).
+    the last value is the prompt tail ``prompt_ids[L:]`` that was left out (empty when the prompt is a prefix of
+    every full sequence).
     """
     prompt_ids = encode_prompt(record.prompt, tokenizer, chat)
     full = {side: encode_full(record.prompt, getattr(record, side), tokenizer, chat) for side in sides}
     n_prompt = min(common_prefix_length(prompt_ids, ids) for ids in full.values())
     responses = {side: ids[n_prompt:] for side, ids in full.items()}
-    return prompt_ids[:n_prompt], responses, len(prompt_ids) - n_prompt
+    return prompt_ids[:n_prompt], responses, prompt_ids[n_prompt:]
 
 
 def truncate_pair(prompt_ids: list[int], responses: dict[str, list[int]], data: DataSection
@@ -157,10 +158,10 @@ def has_duplicate_bos(ids: Sequence[int], tokenizer: Any) -> bool:
     return bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos
 
 
-def warn_prompt_not_prefix(record: PreferencePair, prompt_ids: list[int], dropped: int, tokenizer: Any) -> None:
-    tail = tokenizer.decode(prompt_ids[len(prompt_ids) - dropped:]) if dropped else ""
+def warn_prompt_not_prefix(record: PreferencePair, dropped: list[int], tokenizer: Any) -> None:
     logger.warning("record %s: the tokenised prompt is not a prefix of prompt+response; the response starts where "
-                   "they diverge and the prompt end %r is left out (counted as prompt_not_prefix)", record.id, tail)
+                   "they diverge and the prompt end %r is left out (counted as prompt_not_prefix)", record.id,
+                   tokenizer.decode(dropped))
 
 
 def tokenize_pairs(records: Sequence[PreferencePair], tokenizer: Any, data: DataSection,
@@ -174,11 +175,10 @@ def tokenize_pairs(records: Sequence[PreferencePair], tokenizer: Any, data: Data
     stats: Counter[str] = Counter({key: 0 for key in STAT_KEYS})
     examples: list[dict[str, Any]] = []
     for record in records:
-        full_prompt_ids = encode_prompt(record.prompt, tokenizer, chat)
         prompt_ids, responses, dropped = encode_pair(record, tokenizer, chat, sides)
         if dropped:
             if stats["prompt_not_prefix"] == 0:
-                warn_prompt_not_prefix(record, full_prompt_ids, dropped, tokenizer)
+                warn_prompt_not_prefix(record, dropped, tokenizer)
             stats["prompt_not_prefix"] += 1
         stats["duplicate_bos"] += has_duplicate_bos(prompt_ids, tokenizer)
         if any(not ids for ids in responses.values()):

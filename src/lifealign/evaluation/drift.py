@@ -55,7 +55,9 @@ def kl_to_reference(ctx: EvalContext, examples: list[dict[str, Any]]) -> float:
     device = ctx.resolved_device()
     with eval_mode(ctx.model):
         for start in range(0, len(examples), ctx.eval.batch_size):
-            batch = collate_pairs(examples[start : start + ctx.eval.batch_size], ctx.tokenizer.pad_token_id, sides=("chosen",))
+            batch = collate_pairs(
+                examples[start : start + ctx.eval.batch_size], ctx.tokenizer.pad_token_id, sides=("chosen",)
+            )
             inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
             policy_logits = ctx.model(**inputs, use_cache=False).logits
             with ctx.reference_policy():
@@ -92,7 +94,9 @@ class DriftTracker:
 
     def record(self, task: str, logps: PairLogps) -> None:
         """Remember ``logps`` as task ``task``'s at-learning values (a later call overwrites, e.g. on re-training)."""
-        self.at_learning[task] = PairLogps(list(logps.ids), logps.chosen.detach().clone(), logps.rejected.detach().clone())
+        self.at_learning[task] = PairLogps(
+            list(logps.ids), logps.chosen.detach().clone(), logps.rejected.detach().clone()
+        )
 
     def displacement(self, task: str, now: PairLogps) -> dict[str, float]:
         """``{"chosen_displacement", "rejected_displacement"}`` since ``task`` was learned (NaN if never recorded)."""

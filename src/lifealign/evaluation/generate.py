@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-__all__ = ["generate_completions", "greedy_generate", "left_pad", "stop_token_ids"]
+__all__ = ["END_OF_TURN_TOKENS", "generate_completions", "greedy_generate", "left_pad", "stop_token_ids"]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,16 +32,27 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+"""End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3, GPT-2 family)."""
+
+
 def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """End-of-sequence ids: the tokenizer's EOS plus the model's ``generation_config.eos_token_id`` (int or list)."""
-    ids: list[int] = []
+    """Ids that end a completion: the tokenizer's EOS, the model's ``generation_config.eos_token_id`` (int or
+    list), and the end-of-turn token the chat template writes after an assistant reply (a chat-trained policy
+    closes its answer with it, e.g. ChatML's ``<|im_end|>``, which need not be the tokenizer's EOS)."""
     candidates: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
-    gen_cfg = getattr(model, "generation_config", None)
-    model_eos = getattr(gen_cfg, "eos_token_id", None)
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     candidates += list(model_eos) if isinstance(model_eos, list | tuple) else [model_eos]
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        specials = set(getattr(tokenizer, "all_special_tokens", []))
+        candidates += [
+            tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS if t in template and t in specials
+        ]
+    ids: list[int] = []
     for token_id in candidates:
-        if token_id is not None and int(token_id) not in ids:
-            ids.append(int(token_id))
+        if isinstance(token_id, int) and token_id not in ids:
+            ids.append(token_id)
     return ids
 
 

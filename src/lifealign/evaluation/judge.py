@@ -105,7 +105,9 @@ class JudgeSection(BaseModel):
     @classmethod
     def _is_env_name(cls, v: str) -> str:
         if not _ENV_NAME.fullmatch(v):
-            raise ValueError(f"judge.api_key_env must name an environment variable (e.g. OPENAI_API_KEY): {_SECRETS_MESSAGE}")
+            raise ValueError(
+                f"judge.api_key_env must name an environment variable (e.g. OPENAI_API_KEY): {_SECRETS_MESSAGE}"
+            )
         return v
 
     @field_validator("base_url")
@@ -114,7 +116,8 @@ class JudgeSection(BaseModel):
         parts = urllib.parse.urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("judge.base_url must be an http(s) URL such as https://api.openai.com/v1")
-        if parts.username or parts.password:
+        query_names = [name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+        if parts.username or parts.password or any(is_secret_key(name) for name in query_names):
             raise ValueError(f"judge.base_url must not carry credentials: {_SECRETS_MESSAGE}")
         return v.rstrip("/")
 
@@ -206,7 +209,7 @@ class UnparsableScore(ValueError):
 
 
 # "7/10", "7 / 10", "7 out of 10": the denominator is part of how the one score is written, not a second number.
-_DENOMINATOR = re.compile(r"\s*(?:/|out\s+of)\s*10(?![\d.,])", re.IGNORECASE)
+_DENOMINATOR = re.compile(r"\s*(?:/|out\s+of)\s*10(?!\d|[.,]\d)", re.IGNORECASE)
 # A free-standing number: not glued to letters/digits ("Qwen2", "gpt-4o" are not numbers), optionally signed or
 # with a decimal part so that "-3" and "7.5" are recognised (and rejected) instead of being read as "3" or "7".
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)?(?![\w])")
@@ -330,7 +333,7 @@ class JudgeCache:
         data = line.encode("utf-8")
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 if not self._checked_tail:
                     data = self._newline_if_partial_tail(fd) + data
@@ -488,9 +491,7 @@ class JudgeClient:
     def score_many(self, items: Sequence[JudgeItem]) -> JudgeResults:
         """Judge every item (cached ones are not sent again); results are in input order."""
         rubrics = {task: load_rubric(task, self.cfg.rubric_dir) for task in dict.fromkeys(it.task for it in items)}
-        keys = [
-            judge_cache_key(self.cfg.model, rubrics[it.task], it.prompt, it.response, it.reference) for it in items
-        ]
+        keys = [judge_cache_key(self.cfg.model, rubrics[it.task], it.prompt, it.response, it.reference) for it in items]
         cached = self._cache.load() if self._cache is not None else {}
         todo = {key: item for key, item in zip(keys, items) if key not in cached}  # identical items judged once
         outcomes = self._judge_all(todo, rubrics)
@@ -502,7 +503,11 @@ class JudgeClient:
         )
         log.info(
             "judge %s: %d scored (%d from cache), %d failed %s",
-            self.cfg.model, results.n_scored, results.n_cached, results.n_failed, results.failures or "",
+            self.cfg.model,
+            results.n_scored,
+            results.n_cached,
+            results.n_failed,
+            results.failures or "",
         )
         return results
 
@@ -514,14 +519,27 @@ class JudgeClient:
             log.warning("judge: $%s is not a valid header value; no request sent", self.cfg.api_key_env)
             return {key: _Outcome(score=None, reason=key_problem) for key in todo}
         if api_key is None:
-            log.warning("judge: $%s is not set; calling %s without an Authorization header", self.cfg.api_key_env,
-                        self.cfg.base_url)
+            log.warning(
+                "judge: $%s is not set; calling %s without an Authorization header",
+                self.cfg.api_key_env,
+                self.cfg.base_url,
+            )
         outcomes: dict[str, _Outcome] = {}
         with ThreadPoolExecutor(max_workers=min(self.cfg.max_concurrency, len(todo))) as pool:
-            futures = {pool.submit(self.judge_one, item, rubrics[item.task], api_key): key for key, item in todo.items()}
+            futures = {
+                pool.submit(self.judge_one, item, rubrics[item.task], api_key): key for key, item in todo.items()
+            }
             for future in as_completed(futures):
                 key, outcome = futures[future], future.result()
                 outcomes[key] = outcome
                 if outcome.score is not None and self._cache is not None:
-                    self._cache.append(key, outcome.score, todo[key].task, self.cfg.model)
+                    self._append_to_cache(key, outcome.score, todo[key].task)
         return outcomes
+
+    def _append_to_cache(self, key: str, score: int, task: str) -> None:
+        """Cache a judgement; a full or unwritable disk costs a later re-judgement, not this run's scores."""
+        try:
+            self._cache.append(key, score, task, self.cfg.model)
+        except OSError as err:
+            log.warning("judge cache %s not written (%s); continuing without it", self._cache.path, err.strerror)
+            self._cache = None

@@ -49,7 +49,7 @@ def sequence_logps(
     """Summed response-token log-probs and response lengths.
 
     ``logits (N, T, V)``, ``input_ids (N, T)``, ``completion_mask (N, T)`` (1 on response tokens) ->
-    ``(logps_sum (N,) float32, n_tokens (N,) int64)`` with
+    ``(logps_sum (N,) float32 (float64 for float64 logits), n_tokens (N,) int64)`` with
     ``logps_sum[i] = sum_{t>=1, mask[i,t]=1} log softmax(logits[i, t-1])[input_ids[i, t]]``.
     A response token at position 0 has no predicting position and is not counted.
     """

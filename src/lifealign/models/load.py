@@ -167,7 +167,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel 
         logger.info("tokenizer had no pad token; padding with %r (id %d)", tokenizer.pad_token, tokenizer.pad_token_id)
     if model is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-        if model.generation_config is not None:
+        if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 

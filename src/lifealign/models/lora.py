@@ -117,7 +117,9 @@ def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str,
 def save_adapter(model: PeftModel, path: str | Path) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``path`` (peft ``save_pretrained``)."""
     path = Path(path)
-    model.save_pretrained(str(path), safe_serialization=True)
+    # We never resize the vocabulary, so full embedding matrices never need saving; "auto" would also look the base
+    # model's name up on the hub to decide, which is a network call (or a warning offline).
+    model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
     return path
 
 

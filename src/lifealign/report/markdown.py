@@ -18,8 +18,8 @@ from lifealign.report.plots import plot_score_matrix, plot_task_curves
 from lifealign.report.results import atomic_write_text, collect_runs
 
 __all__ = [
-    "DIAGNOSTIC_METRICS",
     "REPORT_FILE",
+    "SCORE_METRICS",
     "escape_markdown",
     "format_number",
     "render_report",
@@ -27,8 +27,10 @@ __all__ = [
 ]
 
 REPORT_FILE = "report.md"
-DIAGNOSTIC_METRICS = frozenset({"margin", "kl", "chosen_displacement", "rejected_displacement"})
-"""Metrics that are not 0–100 scores: reported in their own table and left out of the AVG columns."""
+SCORE_METRICS = ("bleu4", "rouge_l", "judge", "rule", "pref_acc")
+"""Metrics on a 0–100 scale, in the paper's column order: shown in the summary table and averaged into AVG.
+Every other metric (``margin``, ``reward_model``, ``kl``, displacements, counts such as ``judge/n_failed``) is a
+diagnostic: same BWT/Last/AP columns, its own table, never averaged with scores on another scale."""
 
 STATS = ("bwt", "last", "ap")
 STAT_LABELS = {"bwt": "BWT", "last": "Last", "ap": "AP"}
@@ -77,7 +79,9 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return lines
 
 
-def summary_table(scores: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics: Sequence[str], avg: bool) -> list[str]:
+def summary_table(
+    scores: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics: Sequence[str], avg: bool
+) -> list[str]:
     """Methods × (BWT, Last, AP) per metric, plus the mean over ``metrics`` (the paper's AVG) when ``avg``."""
     header = ["Method"] + [f"{escape_markdown(m)} {STAT_LABELS[s]}" for m in metrics for s in STATS]
     if avg:
@@ -99,9 +103,12 @@ def matrix_section(method: str, metric: str, summary: Mapping[str, Any], figures
     names = [escape_markdown(t) for t in tasks]
     lines = [f"### {escape_markdown(method)} — {escape_markdown(metric)}", ""]
     lines += _table(
-        ["after \\ on"] + names, ([f"after {names[i]}"] + [format_number(v) for v in row] for i, row in enumerate(matrix))
+        ["after \\ on"] + names,
+        ([f"after {names[i]}"] + [format_number(v) for v in row] for i, row in enumerate(matrix)),
     )
-    stats = " · ".join(f"{label} {format_number(summary.get(key))}" for key, label in [*STAT_LABELS.items(), ("fwt", "FWT")])
+    stats = " · ".join(
+        f"{label} {format_number(summary.get(key))}" for key, label in [*STAT_LABELS.items(), ("fwt", "FWT")]
+    )
     lines += ["", stats]
     forgetting = summary.get("forgetting") or []
     if forgetting:
@@ -130,11 +137,14 @@ def render_report(
     ``scores``: ``{method: {metric: ScoreMatrix.summary()}}``. ``run_info``: shown as a list (the key
     ``samples``, a list of ``{method, task, prompt, completion, reference}``, becomes an escaped table).
     ``figures``: image paths relative to the report, keyed ``"<method>/<metric>"`` (shown with that matrix) or by
-    any other caption (shown under "Other figures"). ``avg_metrics``: the metrics averaged into AVG (default:
-    every metric not in :data:`DIAGNOSTIC_METRICS`).
+    any other caption (shown under "Other figures"). ``avg_metrics``: the metrics of the summary table, averaged
+    into AVG (default: those of :data:`SCORE_METRICS` present); the others go to a "Diagnostics" table.
     """
     metrics = _metric_order(scores)
-    score_metrics = [m for m in metrics if m not in DIAGNOSTIC_METRICS] if avg_metrics is None else list(avg_metrics)
+    if avg_metrics is None:
+        score_metrics = [m for m in SCORE_METRICS if m in metrics]
+    else:
+        score_metrics = [m for m in avg_metrics if m in metrics]
     diagnostics = [m for m in metrics if m not in score_metrics]
     lines = ["# lifealign report", ""]
     info = {k: v for k, v in run_info.items() if k != "samples"}
@@ -147,7 +157,12 @@ def render_report(
     if diagnostics:
         lines += ["### Diagnostics", ""]
         lines += summary_table(scores, diagnostics, avg=False) + [""]
-    lines += ["## Score matrices", "", "Row: after training task i; column: evaluated on task j; – = not evaluated.", ""]
+    lines += [
+        "## Score matrices",
+        "",
+        "Row: after training task i; column: evaluated on task j; – = not evaluated.",
+        "",
+    ]
     for method, by_metric in scores.items():
         for metric, summary in by_metric.items():
             lines += matrix_section(method, metric, summary, figures.get(f"{method}/{metric}", []))

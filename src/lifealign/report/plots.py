@@ -87,9 +87,7 @@ def plot_task_curves(summary: Mapping[str, Any], title: str, path: str | Path, y
     return _save(fig, path)
 
 
-def plot_bar(
-    labels: Sequence[str], values: Sequence[float], title: str, path: str | Path, ylabel: str = ""
-) -> Path:
+def plot_bar(labels: Sequence[str], values: Sequence[float], title: str, path: str | Path, ylabel: str = "") -> Path:
     """A labelled bar chart (e.g. SLMC kept energy per layer, or a metric per method); NaN bars are left empty."""
     if len(labels) != len(values):
         raise ValueError(f"{len(labels)} labels but {len(values)} values")
@@ -104,9 +102,7 @@ def plot_bar(
     return _save(fig, path)
 
 
-def plot_histogram(
-    values: Sequence[float], title: str, path: str | Path, bins: int = 30, xlabel: str = ""
-) -> Path:
+def plot_histogram(values: Sequence[float], title: str, path: str | Path, bins: int = 30, xlabel: str = "") -> Path:
     """A histogram of the finite ``values`` (e.g. U2A per-example impact scores), with a line at zero if in range."""
     data = np.array([v for v in values if math.isfinite(v)], dtype=float)
     fig = _new_figure(5.5, 3.6)

@@ -20,7 +20,15 @@ from typing import Any
 
 from lifealign.evaluation.matrix import nan_to_null, null_to_nan
 
-__all__ = ["SCORES_FILE", "Scores", "atomic_write_text", "collect_runs", "find_score_files", "read_scores", "write_scores"]
+__all__ = [
+    "SCORES_FILE",
+    "Scores",
+    "atomic_write_text",
+    "collect_runs",
+    "find_score_files",
+    "read_scores",
+    "write_scores",
+]
 
 SCORES_FILE = "scores.json"
 

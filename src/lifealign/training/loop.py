@@ -234,11 +234,11 @@ def train_task(
                         parts[f"loss/{plugin.name}"] = term
                 if maybe_fault("loss", task=plan.task_index, stage=plan.stage, step=step):
                     total = total * float("nan")
+                means.add("loss", total)
                 if not torch.isfinite(total):
                     finite = False
                     break
                 acc.backward(total / cfg.grad_accum)
-            means.add("loss", total)
             for key, value in parts.items():
                 means.add(key if key.startswith("loss/") else f"loss/{key}", value)
             _record_pair_metrics(means, primary, policy)
@@ -252,6 +252,7 @@ def train_task(
             else:
                 grad_norm = _grad_norm(params)
             finite = _all_ranks_true(acc, bool(torch.isfinite(torch.as_tensor(grad_norm)).item()))
+        lr_used = scheduler.get_last_lr()[0]
         if finite:
             optimizer.step()
             scheduler.step()
@@ -271,7 +272,7 @@ def train_task(
             "stage": plan.stage,
             "step": step + 1,
             "global_step": services.global_step,
-            "learning_rate": scheduler.get_last_lr()[0],
+            "learning_rate": lr_used,
             "grad_norm": float(grad_norm),
             "nonfinite_skipped": skipped,
             **metrics,

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from lifealign.data.records import Task
 from lifealign.evaluation.scorers.base import EvalContext, Scorer
 from lifealign.evaluation.scorers.generation import Bleu4, RougeL
+from lifealign.evaluation.scorers.judge import JudgeScorer
 from lifealign.evaluation.scorers.preference import PreferenceAccuracy
+from lifealign.evaluation.scorers.reward_model import RewardModelScorer
 
 __all__ = ["SCORERS", "EvalContext", "Scorer", "build_scorers", "evaluate_task"]
 
@@ -19,10 +21,8 @@ SCORERS: dict[str, type[Scorer]] = {
     "pref_acc": PreferenceAccuracy,
     "rouge_l": RougeL,
     "bleu4": Bleu4,
-    # Registered by their own modules' authors, one line each (import above, entry here):
-    # "judge": ...,         evaluation/scorers/judge.py
-    # "reward_model": ...,  evaluation/scorers/reward_model.py
-    # "rule": ...,          evaluation/scorers/rule.py
+    "judge": JudgeScorer,
+    "reward_model": RewardModelScorer,
 }
 
 

@@ -22,7 +22,7 @@ import torch
 
 from lifealign.config.schema import DataSection, EvalSection
 from lifealign.data.records import PreferencePair, Prompt, Task
-from lifealign.data.tokenize import tokenize_pairs
+from lifealign.data.tokenize import tokenize_pairs, tokenize_prompts
 from lifealign.evaluation.generate import generate_completions
 from lifealign.models.lora import reference_context
 
@@ -130,30 +130,27 @@ def task_examples(ctx: EvalContext, task: Task) -> list[dict[str, Any]]:
 def task_generations(ctx: EvalContext, task: Task) -> Generations:
     """Greedy completions of the first ``eval.generation_examples`` test prompts, generated once per pass.
 
-    Prompts are tokenized exactly as for training (``tokenize_pairs``: chat template, prompt truncation keeping
-    the end), one record at a time so each completion stays paired with its record even if one is skipped.
+    Prompts are rendered and truncated as for training (``tokenize_prompts``: chat template, keep the last
+    ``data.max_prompt_length`` tokens); references are the chosen responses.
     """
     if task.name in ctx.generations:
         return ctx.generations[task.name]
-    kept: list[tuple[PreferencePair, dict[str, Any]]] = []
-    for record in eval_records(task, ctx.eval.generation_examples):
-        tokenized = tokenize_pairs([record], ctx.tokenizer, ctx.data).examples
-        if tokenized:
-            kept.append((record, tokenized[0]))
+    records = eval_records(task, ctx.eval.generation_examples)
+    prompt_ids = tokenize_prompts([r.prompt for r in records], ctx.tokenizer, ctx.data)
     with eval_mode(ctx.model):
         completions = generate_completions(
             ctx.model,
             ctx.tokenizer,
-            [example["prompt_ids"] for _, example in kept],
+            prompt_ids,
             max_new_tokens=ctx.eval.max_new_tokens,
             batch_size=ctx.eval.batch_size,
             device=ctx.resolved_device(),
         )
     gens = Generations(
-        ids=[example["id"] for _, example in kept],
-        prompts=[record.prompt for record, _ in kept],
+        ids=[r.id for r in records],
+        prompts=[r.prompt for r in records],
         completions=completions,
-        references=[record.chosen for record, _ in kept],
+        references=[r.chosen for r in records],
     )
     ctx.generations[task.name] = gens
     return gens

@@ -26,7 +26,10 @@ __all__ = ["Bleu4", "RougeL", "mean_rouge_l", "mean_sentence_bleu4"]
 
 
 def mean_rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """``100 · mean_i F1_LCS(prediction_i, reference_i)``; F1 = 2PR/(P+R), P = LCS/|pred|, R = LCS/|ref|. NaN if empty."""
+    """``100 · mean_i F1_LCS(prediction_i, reference_i)``; NaN if empty.
+
+    F1 = 2PR/(P+R) with P = LCS/|prediction|, R = LCS/|reference| (token counts).
+    """
     if not predictions:
         return math.nan
     scorer = RougeScorer(["rougeL"], use_stemmer=False)

@@ -59,8 +59,9 @@ class JudgeScorer(Scorer):
         results = self.client(ctx).score_many(items)
         self.last_results[task.name] = results
         if results.n_failed:
-            log.warning("judge on %s: %d of %d items failed %s", task.name, results.n_failed, len(items),
-                        results.failures)
+            log.warning(
+                "judge on %s: %d of %d items failed %s", task.name, results.n_failed, len(items), results.failures
+            )
         return {
             self.name: results.score,
             "judge/n_scored": float(results.n_scored),

@@ -107,7 +107,9 @@ def load_reward_model(
         # e.g. a causal LM directory: its score head would be freshly random and the rewards meaningless.
         raise ValueError(f"{path} is not a trained reward model: missing weights {sorted(info['missing_keys'])[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    ensure_pad_token(tokenizer, model)
+    ensure_pad_token(tokenizer)
+    # Set here rather than via ensure_pad_token(tokenizer, model): a classifier has no generation_config.
+    model.config.pad_token_id = tokenizer.pad_token_id
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer

@@ -1,0 +1,123 @@
+"""Evaluation of an unlearned policy against the original model (the reference: adapter disabled).
+
+On held-out pairs: preference accuracy of the implicit reward (``pref_acc``, 0-100; the original scores 50, every
+pair a tie) and the alignment objective ``J`` = mean DPO loss with beta = ``unlearn.dpo_beta`` (the original scores
+ln 2; ``delta_J = J - ln 2`` < 0 is better). Forgetting: ``forget_nll``, the token-weighted mean NLL of the forget
+candidates' responses (higher = more unlearned). Utility: ``retain_nll`` on retain sequences (lower = better).
+Generation scorers configured in ``eval.scorers`` (ROUGE-L, BLEU-4, judge, ...) run on the held-out pairs too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lifealign.config.schema import DataSection, EvalSection
+from lifealign.data.collate import collate_pairs
+from lifealign.data.records import PreferencePair, Task
+from lifealign.evaluation.scorers.base import EvalContext, Scorer, eval_mode
+from lifealign.evaluation.scorers.preference import pair_logps, preference_accuracy
+from lifealign.losses import LOSSES, LossInputs
+from lifealign.models.lora import reference_context
+from lifealign.training.forward import batch_logps
+
+__all__ = ["EvalSets", "evaluate_unlearning", "mean_token_nll", "prepare_eval_sets"]
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class EvalSets:
+    """Tokenised evaluation sets and the reference log-probs of the held-out pairs ``(n,)`` each."""
+
+    test: list[dict[str, Any]]
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    forget: list[dict[str, Any]]
+    retain: list[dict[str, Any]]
+    task: Task
+    """The held-out pairs as a task, for the generation scorers."""
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prepare_eval_sets(
+    model: nn.Module,
+    tokenizer: Any,
+    data: DataSection,
+    test: Sequence[PreferencePair],
+    forget: list[dict[str, Any]],
+    retain: list[dict[str, Any]],
+    *,
+    limit: int | None,
+    batch_size: int,
+) -> EvalSets:
+    """Tokenise the first ``limit`` held-out pairs and take the original model's log-probs on them once."""
+    from lifealign.data.tokenize import tokenize_pairs
+
+    records = list(test[:limit] if limit else test)
+    examples = tokenize_pairs(records, tokenizer, data).examples if records else []
+    with eval_mode(model), reference_context(model):
+        ref = pair_logps(model, examples, tokenizer.pad_token_id, batch_size=batch_size, device=_device(model))
+    return EvalSets(
+        test=examples,
+        ref_chosen=ref.chosen,
+        ref_rejected=ref.rejected,
+        forget=forget[:limit] if limit else forget,
+        retain=retain[:limit] if limit else retain,
+        task=Task(name="heldout", train=[], test=records),
+    )
+
+
+@torch.no_grad()
+def mean_token_nll(model: nn.Module, examples: Sequence[dict[str, Any]], side: str, pad_id: int,
+                   batch_size: int = 8) -> float:
+    """``-sum log pi(y) / sum |y|`` over the responses of ``side`` (NaN when there are none)."""
+    total, tokens = 0.0, 0.0
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = collate_pairs(examples[start : start + batch_size], pad_id, sides=(side,))
+            out = batch_logps(model, batch)
+            total -= float(out[f"{side}_logps"].sum())
+            tokens += float(out[f"{side}_tokens"].sum())
+    return total / tokens if tokens else math.nan
+
+
+def evaluate_unlearning(
+    model: nn.Module,
+    tokenizer: Any,
+    sets: EvalSets,
+    *,
+    beta: float,
+    data: DataSection,
+    eval_cfg: EvalSection,
+    scorers: Sequence[Scorer] = (),
+) -> dict[str, float]:
+    """``pref_acc``, ``J``, ``delta_J``, ``margin``, ``forget_nll``, ``retain_nll`` and every extra scorer's keys."""
+    pad_id = tokenizer.pad_token_id
+    with eval_mode(model):
+        policy = pair_logps(model, sets.test, pad_id, batch_size=eval_cfg.batch_size, device=_device(model))
+    metrics: dict[str, float] = {}
+    if sets.test:
+        accuracy, margin = preference_accuracy(policy.chosen, policy.rejected, sets.ref_chosen, sets.ref_rejected,
+                                               beta=beta)
+        inputs = LossInputs(chosen_logps=policy.chosen, rejected_logps=policy.rejected,
+                            ref_chosen_logps=sets.ref_chosen, ref_rejected_logps=sets.ref_rejected)
+        objective = float(LOSSES["dpo"].fn(inputs, beta=beta).losses.mean())
+        metrics.update(pref_acc=accuracy, margin=margin, J=objective, delta_J=objective - LN2)
+    metrics["forget_nll"] = mean_token_nll(model, sets.forget, "rejected", pad_id, eval_cfg.batch_size)
+    metrics["retain_nll"] = mean_token_nll(model, sets.retain, "chosen", pad_id, eval_cfg.batch_size)
+    extra = [s for s in scorers if s.name != "pref_acc"]
+    if extra and sets.task.test:
+        ctx = EvalContext(model=model, tokenizer=tokenizer, data=data, eval=eval_cfg)
+        for scorer in extra:
+            for key, value in scorer.score(ctx, sets.task).items():
+                metrics[key] = float(value)
+    return metrics

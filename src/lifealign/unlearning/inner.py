@@ -1,0 +1,115 @@
+"""One weighted inner solve = one ``train_task`` stage ``unlearn`` with per-example weights and extra plugins.
+
+``minimise  mean_b (w_b * l_u(x_b)) + [c * retain term] + lambda_reg * mean_p ||theta_p - theta_0,p||^2``
+
+The forget loss is a registry loss on the ``rejected`` side; the retain term, the regulariser and the stop rule are
+plugins appended to the run's own plugins for this stage only. A stop (``UnlearnStopped``) ends the stage early:
+the caller gets the structured event (also written to ``metrics.jsonl``) and the plugins' ``after_stage`` still
+runs, as it would have at the end of the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lifealign.config.unlearn import UnlearnSection
+from lifealign.data.records import Task
+from lifealign.losses import CombinedLoss
+from lifealign.training.loop import LoopServices, StagePlan, StageResult, train_task
+from lifealign.training.plugin import Plugin, PluginContext
+from lifealign.unlearning.config import OBJECTIVES
+from lifealign.unlearning.plugins import AnchorPlugin, ForgetNLLGuard, RetainPlugin, UnlearnStopped
+
+__all__ = ["InnerSolver", "SolveOutcome", "inner_plugins"]
+
+
+@dataclass
+class SolveOutcome:
+    """What one inner solve did: planned steps, steps actually taken, the stop event if any, last metrics."""
+
+    planned_steps: int
+    steps: int
+    stopped: dict[str, Any] | None = None
+    nonfinite_skipped: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def inner_plugins(
+    section: UnlearnSection,
+    objective: str,
+    *,
+    anchor: dict[str, torch.Tensor],
+    retain: Sequence[dict[str, Any]],
+    pad_id: int,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    reference_state: dict[str, torch.Tensor] | None,
+    label: str,
+    with_guard: bool = True,
+) -> list[Plugin]:
+    """The plugins of one objective: anchor (``reg_weight``), retain term (GradDiff), stop rule (if bounded)."""
+    plugins: list[Plugin] = []
+    if section.reg_weight > 0:
+        plugins.append(AnchorPlugin(anchor, section.reg_weight))
+    if OBJECTIVES[objective].uses_retain:
+        if not retain:
+            raise ValueError(f"{label}: objective {objective!r} needs retain sequences (set unlearn.retain_data)")
+        plugins.append(RetainPlugin(retain, pad_id=pad_id, mode=section.retain, weight=section.retain_weight,
+                                    batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+                                    reference_state=reference_state))
+    if with_guard and section.max_forget_nll is not None:
+        plugins.append(ForgetNLLGuard(section.max_forget_nll, section.stop_patience, label=label))
+    return plugins
+
+
+@dataclass
+class InnerSolver:
+    """Runs inner solves through ``train_task`` with the run's services (metrics, checkpoints, plugins)."""
+
+    model: nn.Module
+    services: LoopServices
+    ctx: PluginContext
+    task_index: int
+    lr: float
+    save_checkpoint: Callable[[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]], None]
+    reference_state: dict[str, torch.Tensor] | None = None
+
+    def solve(
+        self,
+        task: Task,
+        examples: list[dict[str, Any]],
+        loss: CombinedLoss,
+        *,
+        max_steps: int,
+        plugins: Sequence[Plugin] = (),
+        weights: torch.Tensor | None = None,
+        resume: dict[str, Any] | None = None,
+    ) -> SolveOutcome:
+        """Train ``max_steps`` optimizer steps on ``examples`` (``index`` = position) with per-example ``weights``."""
+        plan = StagePlan(self.task_index, task, "unlearn", loss, self.lr, epochs=1.0, max_steps=max_steps,
+                         example_weights=weights, reference_state=self.reference_state)
+        services = dataclasses.replace(self.services, plugins=[*self.services.plugins, *plugins],
+                                       save_checkpoint=self.save_checkpoint)
+        try:
+            result: StageResult = train_task(self.model, examples, plan, services, self.ctx, resume=resume)
+        except UnlearnStopped as stop:
+            event = {**stop.event, "method": services.method_name, "task": task.name,
+                     "global_step": services.global_step}
+            for plugin in services.plugins:
+                plugin.after_stage(self.ctx)
+            services.write_metrics(event)
+            return SolveOutcome(planned_steps=max_steps, steps=int(event["steps_completed"]), stopped=event)
+        finally:
+            self.services.global_step = services.global_step
+        return SolveOutcome(planned_steps=max_steps, steps=result.steps, nonfinite_skipped=result.nonfinite_skipped,
+                            metrics=dict(result.last_metrics))

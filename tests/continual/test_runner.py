@@ -1,0 +1,181 @@
+"""The stream runner: hook order, exact resume after SIGKILL, no repeated evaluation, MTL/STL runners."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lifealign.continual import METHODS
+from lifealign.pipeline import run_experiment
+from lifealign.training.metrics import read_metrics
+from lifealign.training.plugin import Plugin
+from tests.helpers import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+CALLS: list[str] = []
+
+
+class RecordingPlugin(Plugin):
+    name = "recording"
+
+    def before_task(self, ctx):
+        CALLS.append(f"before_task:{ctx.task_index}")
+
+    def train_data(self, ctx, records):
+        CALLS.append(f"train_data:{ctx.task_index}:{ctx.stage}")
+        return records
+
+    def before_stage(self, ctx):
+        CALLS.append(f"before_stage:{ctx.task_index}:{ctx.stage}")
+
+    def extra_loss(self, ctx, batch, outputs):
+        CALLS.append("extra_loss")
+        return outputs["loss"].new_zeros(())
+
+    def after_backward(self, ctx):
+        CALLS.append("after_backward")
+
+    def after_stage(self, ctx):
+        CALLS.append(f"after_stage:{ctx.task_index}:{ctx.stage}")
+
+    def after_task(self, ctx):
+        CALLS.append(f"after_task:{ctx.task_index}")
+
+
+def _compress(calls: list[str]) -> list[str]:
+    out: list[str] = []
+    for c in calls:
+        if not out or out[-1] != c:
+            out.append(c)
+    return out
+
+
+def test_every_hook_is_reached_in_order_over_two_tasks(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "recording", RecordingPlugin)
+    CALLS.clear()
+    cfg = tiny_config(
+        tmp_path,
+        n_tasks=2,
+        method={"name": "rec", "loss": {"name": "dpo"}, "plugins": [{"name": "recording"}]},
+        sft={"enabled": True, "max_steps": 2},
+        train={"max_steps": 2},
+    )
+    run_experiment(cfg, report=False)
+    per_task = []
+    for t in (0, 1):
+        per_task += [f"before_task:{t}"]
+        for stage in ("sft", "pref"):
+            per_task += [
+                f"train_data:{t}:{stage}",
+                f"before_stage:{t}:{stage}",
+                "extra_loss",
+                "after_backward",
+                "extra_loss",
+                "after_backward",
+                f"after_stage:{t}:{stage}",
+            ]
+        per_task += [f"after_task:{t}"]
+    assert CALLS == per_task or _compress(CALLS) == _compress(per_task)
+    assert CALLS.count("extra_loss") == 8 and CALLS.count("after_backward") == 8
+
+
+def _write_cfg(tmp_path: Path, cfg) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def _cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("LIFEALIGN_FAULT", None)
+    if fault:
+        env["LIFEALIGN_FAULT"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "lifealign", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _final_state(run_dir: Path) -> tuple[dict, dict, list]:
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    scores = json.loads((run_dir / "scores.json").read_text())
+    steps = [
+        (r["task"], r["stage"], r["step"], r["loss"])
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if r["event"] == "step"
+    ]
+    return adapter, scores, steps
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "kill:point=step,task=1,stage=pref,step=3",  # mid-stage, after the step-2 checkpoint
+        "kill:point=phase,phase=t0:eval",  # after an evaluation finished, before its checkpoint
+        "kill:point=save,after_file=adapter.safetensors",  # during the first checkpoint save
+    ],
+)
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, fault):
+    cfg = tiny_config(
+        tmp_path,
+        n_tasks=2,
+        method={
+            "name": "er",
+            "loss": {"name": "fpo"},
+            "plugins": [{"name": "replay", "buffer_size": 100, "fraction": 0.5}],
+        },
+    )
+    path = _write_cfg(tmp_path, cfg)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    assert _cli(["run", str(path), "--out", str(ref_dir), "--no-report"]).returncode == 0
+    killed = _cli(["run", str(path), "--out", str(run_dir), "--no-report"], fault=fault)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _cli(["run", str(path), "--out", str(run_dir), "--no-report", "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref_adapter, ref_scores, ref_steps = _final_state(ref_dir)
+    adapter, scores, steps = _final_state(run_dir)
+    assert ref_adapter.keys() == adapter.keys()
+    for k in ref_adapter:
+        assert torch.equal(ref_adapter[k], adapter[k]), k
+    assert scores == ref_scores
+    assert steps == ref_steps  # metrics: no duplicated or missing step after resume
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["event"] == "eval"]
+    assert [e["task_index"] for e in evals] == [0, 1]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    path = _write_cfg(tmp_path, tiny_config(tmp_path, n_tasks=1))
+    result = _cli(["run", str(path), "--out", str(tmp_path / "empty"), "--resume"])
+    assert result.returncode != 0
+    assert "no valid checkpoint in" in result.stderr
+
+
+def test_resume_with_changed_config_is_refused(tmp_path):
+    path = _write_cfg(tmp_path, tiny_config(tmp_path, n_tasks=1))
+    out = tmp_path / "r"
+    assert _cli(["run", str(path), "--out", str(out), "--no-report"]).returncode == 0
+    result = _cli(["run", str(path), "train.lr=0.5", "--out", str(out), "--resume"])
+    assert result.returncode != 0 and "config changed" in result.stderr
+
+
+def test_mtl_fills_last_row_and_stl_the_diagonal(tmp_path):
+    cfg = tiny_config(
+        tmp_path,
+        n_tasks=2,
+        methods=[
+            {"name": "mtl", "loss": {"name": "dpo"}, "runner": "mtl"},
+            {"name": "stl", "loss": {"name": "dpo"}, "runner": "stl"},
+        ],
+    )
+    scores = run_experiment(cfg, report=False)
+    mtl = scores["mtl"]["pref_acc"]["matrix"]
+    assert all(v == v for v in mtl[1]) and all(v != v for v in mtl[0])  # NaN != NaN
+    stl = scores["stl"]["pref_acc"]["matrix"]
+    assert stl[0][0] == stl[0][0] and stl[1][1] == stl[1][1] and stl[1][0] != stl[1][0]
+    assert (tmp_path / "run" / "mtl" / "adapter").is_dir() and (tmp_path / "run" / "stl" / "metrics.jsonl").exists()

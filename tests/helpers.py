@@ -1,0 +1,30 @@
+"""Shared builders for loop/runner tests: small configs on the tiny model and the synthetic suite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lifealign.config import RunConfig, config_from_dict
+
+
+def tiny_config(tmp_path, n_tasks: int = 2, **sections: Any) -> RunConfig:
+    """A tiny-model stream over the first ``n_tasks`` synthetic tasks; ``sections`` override top-level keys."""
+    names = ["arithmetic", "capitals", "support", "safety"][:n_tasks]
+    data: dict[str, Any] = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": "tiny"},
+        "data": {"max_length": 96, "max_prompt_length": 48},
+        "tasks": [
+            {"name": n, "train": f"synthetic:{n}", "test": f"synthetic:{n}", "max_train": 16, "max_test": 8}
+            for n in names
+        ],
+        "method": {"name": "seqft", "loss": {"name": "dpo", "beta": 0.1}},
+        "train": {"lr": 1e-3, "max_steps": 4, "batch_size": 4, "save_every": 2, "progress": False},
+        "eval": {"scorers": ["pref_acc"], "max_examples": 8},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return config_from_dict(data)
