@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -61,7 +62,7 @@ def _resume_flag(value: str | None) -> bool | str:
 def _cmd_run(args: argparse.Namespace, single_task: bool = False) -> int:
     from lifealign.config.load import load_config
     from lifealign.pipeline import run_experiment
-    from lifealign.report.markdown import summary_table
+    from lifealign.report.markdown import SCORE_METRICS, summary_table
 
     cfg = load_config(args.config, args.overrides)
     if single_task and len(cfg.tasks) != 1:
@@ -74,8 +75,8 @@ def _cmd_run(args: argparse.Namespace, single_task: bool = False) -> int:
         allow_config_change=args.allow_config_change,
         report=not args.no_report,
     )
-    metrics = list(dict.fromkeys(m for by_metric in scores.values() for m in by_metric))
-    print("\n".join(summary_table(scores, metrics, avg=False)))
+    metrics = [m for m in dict.fromkeys(m for by_metric in scores.values() for m in by_metric) if m in SCORE_METRICS]
+    print("\n".join(summary_table(scores, metrics, avg=len(metrics) > 1)).replace("\\_", "_"))
     print(f"\nrun folder: {Path(args.out or cfg.output_dir)}")
     return 0
 
@@ -134,6 +135,7 @@ def _install_signal_handlers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -24,6 +24,7 @@ from lifealign.config.load import trajectory_hash
 from lifealign.config.schema import LossTerm, MethodSection, RunConfig
 from lifealign.data.records import PreferencePair, Task, TaskStream
 from lifealign.data.tokenize import tokenize_pairs
+from lifealign.evaluation.drift import DriftTracker, measure_drift
 from lifealign.evaluation.matrix import ScoreMatrix
 from lifealign.evaluation.scorers.base import EvalContext
 from lifealign.losses import bind_losses
@@ -51,7 +52,8 @@ class MethodRun:
     initial: dict[str, list[float | None]] = field(default_factory=dict)
     references: dict[str, str] = field(default_factory=dict)
     stage_results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    drift: dict[str, dict[str, float]] = field(default_factory=dict)
+    drift: dict[str, Any] = field(default_factory=dict)
+    """``DriftTracker`` state: each task's log-likelihoods when it was learned."""
     global_step: int = 0
     elapsed: float = 0.0
 
@@ -261,15 +263,23 @@ class StreamRunner:
             reference_cache=self.reference_cache,
         )
         n = len(self.stream)
+        tracker = DriftTracker()
+        tracker.load_state_dict(self.state.drift)
+        learned = {j for j, _ in tasks} if self.method.runner == "mtl" else {row}
         for j, task in tasks:
             if not task.test:
                 continue
+            scores: dict[str, float] = {}
             for scorer in self.scorers:
-                for metric, value in scorer.score(ctx, task).items():
-                    if row is None:
-                        self.state.initial.setdefault(metric, [None] * n)[j] = _finite_or_none(value)
-                    else:
-                        self.state.scores.setdefault(metric, _nan_matrix(n))[row][j] = _finite_or_none(value)
+                scores.update(scorer.score(ctx, task))
+            if self.cfg.eval.drift and row is not None:
+                scores.update(measure_drift(ctx, task, tracker, just_learned=j in learned))
+            for metric, value in scores.items():
+                if row is None:
+                    self.state.initial.setdefault(metric, [None] * n)[j] = _finite_or_none(value)
+                else:
+                    self.state.scores.setdefault(metric, _nan_matrix(n))[row][j] = _finite_or_none(value)
+        self.state.drift = tracker.state_dict()
         if self.acc.is_main_process and row is not None:
             self.metrics.write(
                 {

@@ -20,6 +20,7 @@ from torch import nn
 from lifealign.config.schema import DataSection, EvalSection
 from lifealign.data.collate import collate_pairs
 from lifealign.data.records import PreferencePair, Task
+from lifealign.data.tokenize import tokenize_pairs
 from lifealign.evaluation.scorers.base import EvalContext, Scorer, eval_mode
 from lifealign.evaluation.scorers.preference import pair_logps, preference_accuracy
 from lifealign.losses import LOSSES, LossInputs
@@ -60,8 +61,6 @@ def prepare_eval_sets(
     batch_size: int,
 ) -> EvalSets:
     """Tokenise the first ``limit`` held-out pairs and take the original model's log-probs on them once."""
-    from lifealign.data.tokenize import tokenize_pairs
-
     records = list(test[:limit] if limit else test)
     examples = tokenize_pairs(records, tokenizer, data).examples if records else []
     with eval_mode(model), reference_context(model):

@@ -98,8 +98,11 @@ class InnerSolver:
         """Train ``max_steps`` optimizer steps on ``examples`` (``index`` = position) with per-example ``weights``."""
         plan = StagePlan(self.task_index, task, "unlearn", loss, self.lr, epochs=1.0, max_steps=max_steps,
                          example_weights=weights, reference_state=self.reference_state)
-        services = dataclasses.replace(self.services, plugins=[*self.services.plugins, *plugins],
-                                       save_checkpoint=self.save_checkpoint)
+        services = self.services
+        # The stage's plugins and checkpoint callback are swapped in for this stage only; the services object itself
+        # is shared so the global step (and everything else) stays the run's.
+        own_plugins, own_save = services.plugins, services.save_checkpoint
+        services.plugins, services.save_checkpoint = [*own_plugins, *plugins], self.save_checkpoint
         try:
             result: StageResult = train_task(self.model, examples, plan, services, self.ctx, resume=resume)
         except UnlearnStopped as stop:
@@ -110,6 +113,6 @@ class InnerSolver:
             services.write_metrics(event)
             return SolveOutcome(planned_steps=max_steps, steps=int(event["steps_completed"]), stopped=event)
         finally:
-            self.services.global_step = services.global_step
+            services.plugins, services.save_checkpoint = own_plugins, own_save
         return SolveOutcome(planned_steps=max_steps, steps=result.steps, nonfinite_skipped=result.nonfinite_skipped,
                             metrics=dict(result.last_metrics))

@@ -21,7 +21,6 @@ from the loop's own mid-stage checkpoint (``resume_loop``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from lifealign.config.schema import RunConfig, TrainSection
 from lifealign.config.unlearn import UnlearnSection
 from lifealign.data.records import Task
+from lifealign.evaluation.matrix import nan_to_null
 from lifealign.losses import CombinedLoss
 from lifealign.training.plugin import Plugin
 from lifealign.unlearning.config import steps_per_solve
@@ -42,17 +42,6 @@ from lifealign.unlearning.inner import InnerSolver
 from lifealign.unlearning.selection import choose_k, select_top_k, update_weights, weight_stats
 
 __all__ = ["U2A", "U2AInputs", "U2AProgress", "run_unlearning", "score_stats", "u2a_budget"]
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None (checkpoint state is strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 @dataclass
@@ -70,7 +59,7 @@ class U2AProgress:
     finished: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return _finite(asdict(self))
+        return nan_to_null(asdict(self))
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> U2AProgress:

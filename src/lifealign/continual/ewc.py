@@ -1,0 +1,343 @@
+"""Elastic Weight Consolidation (EWC; Kirkpatrick et al. 2017) on the LoRA weights (METHODS.md §1.6 and §3).
+
+    L = L_t + (λ/2) Σ_i F_i (θ_i − θ*_i)²
+
+over the trainable LoRA parameters θ (``lora_parameters``), where
+
+- ``θ*`` (the anchor) is the LoRA weights at the end of the latest finished task (``after_task``), as in the
+  authors' ``EWCManager`` (one anchor, overwritten per task);
+- ``F`` is the diagonal empirical Fisher of the *method's own loss* (``ctx.extras["loss"]``, e.g. DPO) at ``θ*``:
+  ``F_i = (1/M) Σ_m (∂ℓ_m/∂θ_i)²`` over ``M`` mini-batches of ``batch_size`` examples taken, in a seeded random
+  order, from ``n_samples`` pairs of the finished task's own training data (not the replay buffer).
+  ``batch_size=1`` squares per-example gradients (the textbook empirical Fisher); the authors' code squares the
+  gradients of its training mini-batches. Dropout is off (``model.eval()``) while the Fisher is computed. When the
+  loss needs reference log-probs they come from the base model (adapter disabled), the ``reference: base``
+  setting; with ``reference: previous`` the Fisher still uses the base reference.
+- Fishers of successive tasks are combined by ``accumulate``:
+
+  * ``"sum"`` (default): ``F = Σ_k F_k``. With one shared anchor this is "online EWC" with γ = 1 and equals
+    ``Σ_k (λ/2) F_k (θ − θ*)²``: every past task keeps its full weight.
+  * ``"mean"``: the running mean ``F = (1/T) Σ_k F_k`` over the T finished tasks (the penalty's scale does not grow
+    with the number of tasks).
+  * ``"replace"``: only the latest task's Fisher (the authors' code recomputes ``fisher_info`` from zeros).
+
+- The penalty is added in every stage listed in ``stages`` (default SFT and preference: the authors run EWC in both
+  trainers). There is no penalty during the first task (no Fisher yet).
+
+``lam`` defaults to the authors' 0.1. On LoRA weights the squared gradients of a DPO loss are small (≈1e-8–1e-4 per
+weight on SmolLM2-135M), so ``(λ/2) F Δθ²`` can be negligible next to the task loss: check ``loss/ewc`` in
+``metrics.jsonl`` and ``memory_report()["fisher"]``, and raise ``lam`` (EWC papers use 10²–10⁴) when it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lifealign.continual.buffers import check_choice, check_int, check_positive_int
+from lifealign.continual.replay import check_stages
+from lifealign.data.collate import collate_pairs
+from lifealign.data.records import PreferencePair
+from lifealign.data.tokenize import tokenize_pairs
+from lifealign.models.lora import lora_parameters, reference_context
+from lifealign.training.forward import batch_logps, compute_reference_logps, loss_inputs
+from lifealign.training.plugin import Plugin, PluginContext
+
+__all__ = [
+    "ACCUMULATIONS",
+    "EWCPlugin",
+    "accumulate_fisher",
+    "autocast_of",
+    "check_nonneg_float",
+    "diagonal_fisher",
+    "ewc_penalty",
+    "method_loss",
+    "sample_records",
+    "tokenized_with_reference",
+]
+
+logger = logging.getLogger(__name__)
+
+ACCUMULATIONS: tuple[str, ...] = ("sum", "mean", "replace")
+
+
+def check_nonneg_float(key: str, value: Any) -> float:
+    """``value`` as a finite float ``≥ 0`` (bools and non-numbers rejected), else ``ValueError`` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key}: must be a finite number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{key}: must be >= 0, got {value!r}")
+    return float(value)
+
+
+# ----- pure functions --------------------------------------------------------------------------------------------
+def ewc_penalty(params: dict[str, Tensor], fisher: dict[str, Tensor], anchor: dict[str, Tensor], lam: float) -> Tensor:
+    """``(λ/2) Σ_name Σ_i F[name]_i (θ[name]_i − θ*[name]_i)²`` over the names in ``fisher`` (a float32 scalar).
+
+    ``fisher`` and ``anchor`` must be on the parameters' devices; a name of ``fisher`` missing from ``params`` is an
+    error (the adapter changed shape since the Fisher was taken).
+    """
+    missing = sorted(set(fisher) - set(params))
+    if missing:
+        raise ValueError(f"ewc: the Fisher has parameters the model lacks: {missing[:3]}")
+    total = None
+    for name, f in fisher.items():
+        term = (f * (params[name].float() - anchor[name]).pow(2)).sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return 0.5 * lam * total
+
+
+def accumulate_fisher(
+    old: dict[str, Tensor] | None, new: dict[str, Tensor], n_old: int, mode: str
+) -> dict[str, Tensor]:
+    """Combine the Fisher of ``n_old`` earlier tasks with a new task's: ``sum`` (old + new), ``mean`` (running mean
+    ``(n_old·old + new)/(n_old + 1)``) or ``replace`` (new)."""
+    check_choice("accumulate", mode, ACCUMULATIONS)
+    if old is None or n_old == 0 or mode == "replace":
+        return {k: v.clone() for k, v in new.items()}
+    if set(old) != set(new):
+        raise ValueError("ewc: the new Fisher covers different parameters than the accumulated one")
+    if mode == "sum":
+        return {k: old[k] + new[k] for k in new}
+    return {k: (n_old * old[k] + new[k]) / (n_old + 1) for k in new}
+
+
+def diagonal_fisher(
+    params: dict[str, torch.nn.Parameter], batches: Iterable[Any], loss_of: Callable[[Any], Tensor]
+) -> dict[str, Tensor]:
+    """``F[name] = (1/M) Σ_m (∂ loss_of(batch_m) / ∂ params[name])²`` (float32, on the parameters' devices).
+
+    Gradients are cleared before each batch and after the last; a parameter with no gradient contributes zeros.
+    """
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    n = 0
+    for batch in batches:
+        for p in params.values():
+            p.grad = None
+        loss_of(batch).backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                fisher[name] += p.grad.detach().float().pow(2)
+        n += 1
+    for p in params.values():
+        p.grad = None
+    if n == 0:
+        raise ValueError("ewc: no batch to estimate the Fisher from")
+    return {name: f / n for name, f in fisher.items()}
+
+
+# ----- loss on stored examples (shared with GEM) -----------------------------------------------------------------
+def autocast_of(ctx: PluginContext) -> Callable[[], contextlib.AbstractContextManager]:
+    """The run's autocast context factory (``accelerator.autocast``), or a no-op without an accelerator."""
+    acc = ctx.extras.get("accelerator")
+    return acc.autocast if acc is not None else contextlib.nullcontext
+
+
+def method_loss(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    loss: Any,
+    ref: Tensor | None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Tensor:
+    """The method's scalar loss on one collated batch (``ref``: ``(B, len(sides))`` reference log-probs or None)."""
+    with autocast():
+        policy = batch_logps(model, batch)
+    total, _, _ = loss(loss_inputs(policy, ref, loss.uses))
+    return total
+
+
+def sample_records(records: Sequence[PreferencePair], n: int, seed: str) -> list[PreferencePair]:
+    """``min(n, len)`` records drawn without replacement by ``random.Random(seed)``, in their original order."""
+    k = min(n, len(records))
+    picked = sorted(random.Random(seed).sample(range(len(records)), k))
+    return [records[i] for i in picked]
+
+
+def tokenized_with_reference(
+    ctx: PluginContext, records: Sequence[PreferencePair], loss: Any, batch_size: int
+) -> tuple[list[dict[str, Any]], Tensor | None]:
+    """Tokenise ``records`` for ``loss``'s sides and, when it needs them, compute base-model reference log-probs
+    ``(n, len(sides))`` (adapter disabled)."""
+    data = ctx.config.data if ctx.config is not None else None
+    if data is None:
+        from lifealign.config.schema import DataSection
+
+        data = DataSection()
+    examples = tokenize_pairs(list(records), ctx.tokenizer, data, sides=loss.uses).examples
+    if not examples or not loss.needs_reference:
+        return examples, None
+    model = ctx.model
+    ref = compute_reference_logps(
+        model,
+        examples,
+        ctx.tokenizer.pad_token_id,
+        loss.uses,
+        lambda: reference_context(model),
+        batch_size,
+        autocast_of(ctx),
+    )
+    return examples, ref
+
+
+def batches_of(
+    examples: list[dict[str, Any]], ref: Tensor | None, pad_id: int, sides: tuple[str, ...], size: int
+) -> list[tuple[dict[str, Any], Tensor | None]]:
+    """Consecutive collated batches of ``size`` examples with their rows of ``ref``."""
+    out = []
+    for start in range(0, len(examples), size):
+        chunk = examples[start : start + size]
+        idx = torch.tensor([ex["index"] for ex in chunk])
+        out.append((collate_pairs(chunk, pad_id, sides=sides), ref[idx] if ref is not None else None))
+    return out
+
+
+# ----- the plugin ------------------------------------------------------------------------------------------------
+class EWCPlugin(Plugin):
+    """EWC with a diagonal Fisher of the method's loss; YAML keys are the constructor's arguments."""
+
+    name = "ewc"
+
+    def __init__(
+        self,
+        lam: float = 0.1,
+        n_samples: int = 64,
+        batch_size: int = 1,
+        accumulate: str = "sum",
+        stages: tuple[str, ...] | list[str] = ("sft", "pref"),
+        seed: int = 0,
+    ):
+        self.lam = check_nonneg_float("lam", lam)
+        self.n_samples = check_positive_int("n_samples", n_samples)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.accumulate = check_choice("accumulate", accumulate, ACCUMULATIONS)
+        self.stages = check_stages("stages", stages)
+        self.seed = check_int("seed", seed)
+        self.fisher: dict[str, Tensor] | None = None
+        """Accumulated diagonal Fisher per LoRA parameter name (CPU float32)."""
+        self.anchor: dict[str, Tensor] | None = None
+        """θ*: the LoRA weights at the end of the latest finished task (CPU float32)."""
+        self.tasks: list[int] = []
+        """Indices of the finished tasks (anchor updates)."""
+        self.n_fishers = 0
+        """How many task Fishers ``fisher`` combines (the count of the running mean)."""
+        self.reports: list[dict[str, Any]] = []
+        self._on_device: dict[str, tuple[Tensor, Tensor]] = {}
+
+    # ----- hooks ---------------------------------------------------------------------------------------------
+    def extra_loss(self, ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]) -> Tensor | None:
+        if self.fisher is None or ctx.stage not in self.stages:
+            return None
+        params = lora_parameters(ctx.model)
+        fisher, anchor = {}, {}
+        for name in self.fisher:
+            if name not in params:
+                raise ValueError(f"ewc: LoRA parameter {name} of the Fisher is not trainable in the model")
+            fisher[name], anchor[name] = self._device_copy(name, params[name].device)
+        return ewc_penalty(params, fisher, anchor, self.lam)
+
+    def after_task(self, ctx: PluginContext) -> None:
+        if ctx.task_index in self.tasks:
+            logger.warning("ewc: task %d already consolidated; not counted twice", ctx.task_index)
+            return
+        records = sample_records(ctx.task.train, self.n_samples, f"{self.seed}:{ctx.task_index}")
+        new = self.task_fisher(ctx, records, ctx.extras["loss"])
+        if new is None:
+            logger.warning("ewc: task %r has no usable pair for the Fisher; the anchor moves, F is unchanged",
+                           ctx.task.name)
+        else:
+            self.fisher = accumulate_fisher(self.fisher, new, self.n_fishers, self.accumulate)
+            self.n_fishers += 1
+        self.anchor = {name: p.detach().float().cpu().clone() for name, p in lora_parameters(ctx.model).items()}
+        self._on_device = {}
+        self.tasks.append(ctx.task_index)
+        report = {
+            "task_index": ctx.task_index,
+            "task": ctx.task.name,
+            "n_records": len(records),
+            "task_fisher": fisher_stats(new or {}),
+            "accumulated": fisher_stats(self.fisher or {}),
+        }
+        self.reports.append(report)
+        ctx.extras.setdefault("ewc", {})["fisher"] = report
+
+    def task_fisher(self, ctx: PluginContext, records: list[PreferencePair], loss: Any) -> dict[str, Tensor] | None:
+        """The diagonal Fisher of ``loss`` on ``records`` at the current weights (CPU float32), None if no pair
+        survives tokenisation."""
+        model = ctx.model
+        was_training = model.training
+        model.eval()
+        try:
+            examples, ref = tokenized_with_reference(ctx, records, loss, self.batch_size)
+            if not examples:
+                return None
+            batches = batches_of(examples, ref, ctx.tokenizer.pad_token_id, loss.uses, self.batch_size)
+            autocast = autocast_of(ctx)
+            fisher = diagonal_fisher(
+                lora_parameters(model), batches, lambda b: method_loss(model, b[0], loss, b[1], autocast)
+            )
+        finally:
+            model.train(was_training)
+        return {k: v.cpu() for k, v in fisher.items()}
+
+    def _device_copy(self, name: str, device: torch.device) -> tuple[Tensor, Tensor]:
+        assert self.fisher is not None and self.anchor is not None
+        cached = self._on_device.get(name)
+        if cached is None or cached[0].device != device:
+            cached = (self.fisher[name].to(device), self.anchor[name].to(device))
+            self._on_device[name] = cached
+        return cached
+
+    # ----- reporting and resume ------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, Any]:
+        """``{"tasks", "fisher": stats of the accumulated Fisher, "reports": per-task Fisher stats}``."""
+        return {"tasks": list(self.tasks), "fisher": fisher_stats(self.fisher or {}), "reports": list(self.reports)}
+
+    def state_dict(self) -> dict[str, Any]:
+        tensors: dict[str, Tensor] = {}
+        for name, v in (self.fisher or {}).items():
+            tensors[f"fisher/{name}"] = v
+        for name, v in (self.anchor or {}).items():
+            tensors[f"anchor/{name}"] = v
+        meta = {
+            "settings": {"accumulate": self.accumulate},
+            "tasks": list(self.tasks),
+            "n_fishers": self.n_fishers,
+            "reports": list(self.reports),
+        }
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        meta, tensors = state.get("meta", {}), state.get("tensors", {})
+        saved = meta.get("settings", {}).get("accumulate", self.accumulate)
+        if saved != self.accumulate:
+            raise ValueError(f"ewc accumulate: the checkpoint has {saved!r} but this plugin has {self.accumulate!r}")
+        fisher = {k[len("fisher/"):]: v.float().cpu() for k, v in tensors.items() if k.startswith("fisher/")}
+        anchor = {k[len("anchor/"):]: v.float().cpu() for k, v in tensors.items() if k.startswith("anchor/")}
+        if fisher and set(fisher) != set(anchor):
+            raise ValueError("ewc: checkpoint Fisher and anchor cover different parameters")
+        if fisher and not anchor:
+            raise ValueError("ewc: checkpoint has a Fisher without an anchor")
+        self.fisher = fisher or None
+        self.anchor = anchor or None
+        self.n_fishers = int(meta.get("n_fishers", 0))
+        self.tasks = [int(t) for t in meta.get("tasks", [])]
+        self.reports = list(meta.get("reports", []))
+        self._on_device = {}
+
+
+def fisher_stats(fisher: dict[str, Tensor]) -> dict[str, float]:
+    """``{"sum", "max", "mean"}`` over every entry of a Fisher (zeros for an empty one)."""
+    if not fisher:
+        return {"sum": 0.0, "max": 0.0, "mean": 0.0}
+    flat = torch.cat([v.reshape(-1).float() for v in fisher.values()])
+    return {"sum": float(flat.sum()), "max": float(flat.max()), "mean": float(flat.mean())}
