@@ -74,7 +74,9 @@ def make_accelerator(cfg: RunConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    # On a machine without CUDA, processes started by torchrun / `accelerate launch --multi_gpu` form a gloo group.
     return Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )

@@ -110,6 +110,7 @@ class TrainSection(Section):
     grad_accum: int = Field(1, gt=0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
     precision: Literal["fp32", "bf16"] = "fp32"

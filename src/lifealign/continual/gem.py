@@ -255,6 +255,7 @@ class GEMPlugin(Plugin):
             "tasks": {str(t): len(r) for t, r in sorted(self.memory.items())},
             "steps": self.steps,
             "projected_steps": self.projected,
+            "last": dict(self.last),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ pool and hooks until ``detach()``.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -173,6 +174,8 @@ class L2PPlugin(Plugin):
         self._saved: dict[str, Tensor] = {}
         self._strip: list[int] = []
         self._record: Tensor | None = None
+        self._caches: list[weakref.ref] = []
+        """The generation caches whose first forward got the prefix."""
 
     @property
     def prefix_length(self) -> int:
@@ -260,8 +263,9 @@ class L2PPlugin(Plugin):
         past = cache.get_seq_length() if cache is not None else 0
         p = self.prefix_length
         if past > 0:  # a generation step after the first: the prefix is in the cache already
-            if mask is not None and past + n_new == mask.shape[1] + p:
-                kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
+            if self._cache_has_prefix(cache, mask, past + n_new):
+                if mask is not None:
+                    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
                 if positions is not None:
                     kwargs["position_ids"] = positions + p
             self._strip.append(0)
@@ -280,11 +284,20 @@ class L2PPlugin(Plugin):
         if positions is not None:
             lead = torch.arange(p, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], p)
             kwargs["position_ids"] = torch.cat([lead, positions + p], dim=1)
+        if cache is not None:
+            self._caches = [r for r in self._caches if r() is not None] + [weakref.ref(cache)]
         if torch.is_grad_enabled():
             self._record = cos
             self.counts += torch.bincount(indices.reshape(-1).cpu(), minlength=self.pool_size)
         self._strip.append(p)
         return args, kwargs
+
+    def _cache_has_prefix(self, cache: Any, mask: Tensor | None, total: int) -> bool:
+        """Whether a continued generation's cache starts with our prefix: it is a cache we prefixed, or the
+        caller's mask is exactly P shorter than cache + new tokens."""
+        if any(r() is cache for r in self._caches):
+            return True
+        return mask is not None and total == mask.shape[1] + self.prefix_length
 
     def _strip_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         p = self._strip.pop() if self._strip else 0

@@ -1,7 +1,8 @@
 """Forward passes that turn a collated batch into per-sequence log-probs, and the cached reference log-probs.
 
 The chosen and rejected rows of a batch go through the model in one forward (trl's concatenated forward); the
-log-softmax and the sums run in fp32 even under bf16 autocast (``sequence_logps``).
+LM head projects only the positions that predict a response token, and the log-softmax and the sums run in fp32
+even under bf16 autocast (``label_logps``).
 """
 
 from __future__ import annotations
@@ -11,28 +12,79 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.nn import DataParallel
+from torch.nn.parallel import DistributedDataParallel
 
 from lifealign.data.collate import collate_pairs
-from lifealign.losses.logps import sequence_logps
+from lifealign.losses.logps import label_logps, sum_scored
 from lifealign.losses.spec import LossInputs
 from lifealign.models.lora import load_lora_state, lora_state, reference_context
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """``{"<side>_logps": (B,), "<side>_tokens": (B,)}`` for every side of a side-major batch."""
+    """``{"<side>_logps": (B,), "<side>_tokens": (B,)}`` for every side of a side-major batch.
+
+    The LM head only projects the positions that predict a response token (``scored_logits``): prompt and padding
+    positions need no logits, and on a 49k vocabulary the head is a large part of the step.
+    """
     device = next(model.parameters()).device
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        use_cache=False,
-    )
-    logps, n_tokens = sequence_logps(out.logits, batch["input_ids"].to(device), batch["completion_mask"].to(device))
+    input_ids = batch["input_ids"].to(device)
+    scored = batch["completion_mask"].to(device)[:, 1:].bool()  # (N, T-1): position t-1 predicts response token t
+    logits = scored_logits(model, input_ids, batch["attention_mask"].to(device), scored)
+    per_token = label_logps(logits, input_ids[:, 1:][scored])
+    logps, n_tokens = sum_scored(per_token, scored), scored.sum(dim=-1)
     b = batch["n_pairs"]
     result: dict[str, torch.Tensor] = {}
     for k, side in enumerate(batch["sides"]):
         result[f"{side}_logps"] = logps[k * b : (k + 1) * b]
         result[f"{side}_tokens"] = n_tokens[k * b : (k + 1) * b]
     return result
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module that maps hidden states to logits (``get_output_embeddings``), looked up through DDP/peft."""
+    inner = model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def scored_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor
+) -> torch.Tensor:
+    """Logits ``(M, V)`` of the positions ``p`` with ``scored[n, p]`` (row-major order), ``scored (N, T-1)``.
+
+    The model's own forward is called (so DDP's gradient hooks and peft's adapters run as usual); a forward
+    pre-hook on the LM head hands it only the scored positions' hidden states, so the head computes ``M`` rows
+    instead of ``N * T``. If the head is not reached through its module (or returns another shape) the full logits
+    are computed and the scored rows selected from them, which gives the same values.
+    """
+    keep = torch.nn.functional.pad(scored, (0, 1))  # (N, T): the last position predicts nothing
+    head = output_head(model)
+    handle = None
+    if head is not None:
+
+        def select_scored(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            hidden = args[0] if args else None
+            if not isinstance(hidden, torch.Tensor) or hidden.shape[:2] != keep.shape:
+                return None
+            return (hidden[keep], *args[1:])
+
+        handle = head.register_forward_pre_hook(select_scored)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    n_scored = int(keep.sum())
+    if logits.dim() == 2 and logits.shape[0] == n_scored:
+        return logits
+    if logits.dim() == 3 and logits.shape[:2] == keep.shape:
+        return logits[keep]
+    raise RuntimeError(
+        f"the model returned logits of shape {tuple(logits.shape)} for {tuple(keep.shape)} input ids with "
+        f"{n_scored} scored positions: expected ({n_scored}, vocab) or (*input shape, vocab)"
+    )
 
 
 def loss_inputs(policy: dict[str, torch.Tensor], reference: torch.Tensor | None, sides: tuple[str, ...]) -> LossInputs:

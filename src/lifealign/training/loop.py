@@ -159,7 +159,7 @@ def train_task(
     sides = plan.loss.uses
     params = [p for p in model.parameters() if p.requires_grad]
     steps = total_steps(len(examples), plan.epochs, plan.max_steps, cfg.batch_size, cfg.grad_accum, acc.num_processes)
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
     seed = stage_seed(cfg.seed, plan.task_index, plan.stage)
     ctx.optimizer, ctx.stage = optimizer, plan.stage

@@ -1,0 +1,66 @@
+"""Lifelong-alignment comparison on the real four-task stream (hh-harmless → hh-helpful → safe-rlhf → TruthfulQA).
+
+Runs every method of a stream config (default ``configs/real-stream.yaml``: SeqFT, ER, MTL, LifeAlign and its two
+ablations, FPO-only and SLMC-only) with SmolLM2-135M-Instruct + LoRA under the same loop and budget, then prints
+the BWT / Last / AP table per metric and the wall time. Resumable: re-running with the same --out continues.
+
+    python bench/lifelong.py                                   # the full comparison (see BENCHMARKS.md for time)
+    python bench/lifelong.py --methods seqft lifealign --quick # a shorter smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lifealign.config.load import load_config
+    from lifealign.pipeline import run_experiment
+    from lifealign.report.markdown import SCORE_METRICS, summary_table
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "real-stream.yaml"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "lifelong"))
+    parser.add_argument("--methods", nargs="*", help="subset of the config's method names")
+    parser.add_argument("--quick", action="store_true", help="32 train / 16 test pairs per task, 4 steps")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
+    args = parser.parse_args()
+
+    os.chdir(REPO)  # the shipped configs use data paths relative to the repo root
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.quick:
+        for i in range(len(cfg.tasks)):
+            overrides += [f"tasks.{i}.max_train=32", f"tasks.{i}.max_test=16"]
+        overrides += ["train.max_steps=4"]
+        cfg = load_config(args.config, overrides)
+    if args.methods:
+        chosen = [m for m in cfg.all_methods() if m.name in args.methods]
+        missing = set(args.methods) - {m.name for m in chosen}
+        if missing:
+            parser.error(f"unknown method(s) {sorted(missing)}; the config has {[m.name for m in cfg.all_methods()]}")
+        cfg = cfg.model_copy(update={"methods": chosen})
+
+    started = time.monotonic()
+    scores = run_experiment(cfg, out_dir=args.out, resume="auto")
+    wall = time.monotonic() - started
+    metrics = [m for m in dict.fromkeys(k for s in scores.values() for k in s) if m in SCORE_METRICS]
+    print("\n".join(summary_table(scores, metrics, avg=False)).replace("\\_", "_"))
+    timings = json.loads((Path(args.out) / "timings.json").read_text())
+    print("\nper-method seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings["methods"].items()))
+    print(f"load average: {os.getloadavg()[0]:.1f}")
+    print(f"wall_seconds: {wall:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""U2A impact scores: batched per-example inner products (``fast_scores``) vs one backward per example (naive).
+
+SmolLM2-135M-Instruct + LoRA (r 8, q_proj/v_proj), 64 forget candidates of exactly 128 tokens (safe-rlhf rejected
+responses from ``../shared/data/preference-tasks``; random tokens if the data is absent), NPO as the unlearning
+loss, the direction = grad J of the DPO loss on 8 preference pairs. One run prints::
+
+    max_rel_diff: max|fast - naive| / max|naive|
+    fast: seconds, GFLOP/s, fraction of the fp32 matmul peak (measured here with a large torch.mm)
+    naive: seconds, ...
+    speedup_vs_naive: naive seconds / fast seconds
+
+FLOPs are counted as the model's matmuls only: forward ``2 P T`` plus the input-gradient backward ``2 P T`` (the base
+is frozen, so no weight gradients), with P the weights of every linear layer incl. the LM head and T the tokens.
+
+    python bench/u2a_scoring.py                      # fp32, the acceptance setting
+    python bench/u2a_scoring.py --precision bf16     # autocast bf16 for the fast path's forward/backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "preference-tasks" / "safe-rlhf" / "train.json"
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of ``n x n @ n x n`` over ``repeats`` (2 n^3 flops each)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights of every linear layer (LoRA factors included), the LM head counted once."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def build_examples(tokenizer, n: int, tokens: int, prompt_tokens: int) -> tuple[list[dict], list[dict]]:
+    """``n`` forget examples of exactly ``tokens`` ids and 8 preference pairs, from safe-rlhf when available."""
+    from lifealign.config.schema import DataSection
+    from lifealign.data.records import PreferencePair
+    from lifealign.data.tokenize import tokenize_pairs
+
+    data = DataSection(max_length=tokens, max_prompt_length=prompt_tokens)
+    if DATA.is_file():
+        raw = json.loads(DATA.read_text())
+        pairs = [PreferencePair(r["query"], r["chosen"], r["rejected"], id=str(i)) for i, r in enumerate(raw)
+                 if r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
+    else:
+        gen = torch.Generator().manual_seed(0)
+        words = ["alpha", "beta", "gamma", "delta", "omega", "river", "stone", "cloud"]
+        text = lambda k: " ".join(words[int(i)] for i in torch.randint(0, 8, (k,), generator=gen))  # noqa: E731
+        pairs = [PreferencePair(text(20), text(150), text(150), id=str(i)) for i in range(4 * n)]
+    forget = []
+    for ex in tokenize_pairs(pairs[: 6 * n], tokenizer, data, sides=("rejected",)).examples:
+        if len(ex["prompt_ids"]) + len(ex["rejected_ids"]) == tokens:
+            forget.append(dict(ex, index=len(forget)))
+        if len(forget) == n:
+            break
+    if len(forget) < n:
+        raise SystemExit(f"only {len(forget)} examples reach {tokens} tokens")
+    preference = [dict(ex, index=i) for i, ex in enumerate(tokenize_pairs(pairs[-8:], tokenizer, data).examples)]
+    return forget, preference
+
+
+def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per batched forward/backward (fast)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from lifealign.config.schema import LoraSection, ModelSection
+    from lifealign.config.unlearn import UnlearnSection
+    from lifealign.models.load import load_model_and_tokenizer
+    from lifealign.models.lora import attach_lora, lora_parameters, reference_context
+    from lifealign.training.forward import compute_reference_logps
+    from lifealign.unlearning.config import forget_loss
+    from lifealign.unlearning.influence import fast_scores, naive_scores, preference_gradient
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model_and_tokenizer(ModelSection(name_or_path=args.model))
+    model = attach_lora(model, LoraSection())
+    with torch.no_grad():  # a trained-looking adapter: B != 0, so the A factors get gradients too
+        for p in lora_parameters(model).values():
+            p.normal_(0.0, 0.02)
+    pad = tokenizer.pad_token_id
+    forget, preference = build_examples(tokenizer, args.examples, args.tokens, args.prompt_tokens)
+    ref = lambda: reference_context(model)  # noqa: E731
+    loss = forget_loss(UnlearnSection(objective="npo"))
+    cand_ref = compute_reference_logps(model, forget, pad, ("rejected",), ref, 16)
+    pref_ref = compute_reference_logps(model, preference, pad, ("chosen", "rejected"), ref, 8)
+    _, direction = preference_gradient(model, preference, pref_ref, pad_id=pad, beta=0.3)
+
+    peak = matmul_peak()
+    flops = 4 * matmul_params(model) * args.examples * args.tokens
+    print(f"threads: {torch.get_num_threads()}  load average: {os.getloadavg()[0]:.1f}")
+    print(f"examples: {args.examples} x {args.tokens} tokens, batch {args.batch_size}, precision {args.precision}")
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s; model matmul work: {flops / 1e9:.1f} GFLOP per scoring pass")
+
+    fast_scores(model, forget[: args.batch_size], direction, loss, pad_id=pad, ref_logps=cand_ref,
+                batch_size=args.batch_size, precision=args.precision)  # warm-up
+    t0 = time.perf_counter()
+    fast = fast_scores(model, forget, direction, loss, pad_id=pad, ref_logps=cand_ref, batch_size=args.batch_size,
+                       precision=args.precision)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    naive = naive_scores(model, forget, direction, loss, pad_id=pad, ref_logps=cand_ref)
+    t_naive = time.perf_counter() - t0
+
+    rel = float((fast - naive).abs().max() / naive.abs().max())
+    for name, seconds in (("fast", t_fast), ("naive", t_naive)):
+        rate = flops / seconds / 1e9
+        print(f"{name}: {seconds:.2f} s, {rate:.1f} GFLOP/s, {rate / peak:.1%} of the fp32 matmul peak")
+    print(f"max_rel_diff: {rel:.3e}")
+    print(f"fraction_of_matmul_peak: {flops / t_fast / 1e9 / peak:.3f}")
+    print(f"speedup_vs_naive: {t_naive / t_fast:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
