@@ -84,7 +84,8 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batched forward/backward (fast)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core box two contended threads are far slower)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -173,7 +173,8 @@ def test_gem_memory_gradient_is_the_mean_loss_gradient_whatever_the_batch_size(t
     one, four = GEMPlugin(memory_per_task=4, memory_batch_size=1), GEMPlugin(memory_per_task=4, memory_batch_size=4)
     one.after_task(ctx)
     four.after_task(ctx)
-    assert torch.allclose(_memory_gradient(one, ctx)[1], _memory_gradient(four, ctx)[1], rtol=1e-4, atol=1e-9)
+    g1, g4 = _memory_gradient(one, ctx)[1], _memory_gradient(four, ctx)[1]
+    assert float((g1 - g4).abs().max()) <= 1e-4 * float(g1.abs().max())
 
 
 def test_unconfigured_stage_and_empty_memory_are_untouched(tiny_lora_model, tmp_path):
@@ -224,6 +225,7 @@ def test_end_to_end_projects_on_the_second_task_and_resumes(tmp_path, name):
     ckpt = Checkpointer(run_dir / "checkpoints").latest()
     restored = (GEMPlugin if name == "gem" else AGEMPlugin)(memory_per_task=4)
     restored.load_state_dict({"tensors": {}, "meta": ckpt.state["plugins"][0]})
-    assert restored.memory_report() == {k: info[k] for k in ("tasks", "steps", "projected_steps")}
-    if info["last"]:
-        assert min(info["last"]["dots_after"]) >= -1e-6
+    keys = ("tasks", "steps", "projected_steps")
+    assert {k: restored.memory_report()[k] for k in keys} == {k: info[k] for k in keys}
+    assert len(info["last"]["dots_after"]) == 1  # the last step of task 1 saw task 0's memory
+    assert min(info["last"]["dots_after"]) >= -1e-6 * max(1.0, abs(min(info["last"]["dots_before"])))

@@ -179,3 +179,25 @@ def test_mtl_fills_last_row_and_stl_the_diagonal(tmp_path):
     stl = scores["stl"]["pref_acc"]["matrix"]
     assert stl[0][0] == stl[0][0] and stl[1][1] == stl[1][1] and stl[1][0] != stl[1][0]
     assert (tmp_path / "run" / "mtl" / "adapter").is_dir() and (tmp_path / "run" / "stl" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("action, code", [("term", 143), ("int", 130)])
+def test_sigterm_commits_the_current_step_and_resume_matches(tmp_path, action, code):
+    """F9: a stop signal finishes the running step, commits a checkpoint for it, exits 130/143."""
+    cfg = tiny_config(tmp_path, n_tasks=1, train={"max_steps": 5, "save_every": 100})
+    path = _write_cfg(tmp_path, cfg)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "stopped"
+    assert _cli(["run", str(path), "--out", str(ref_dir), "--no-report"]).returncode == 0
+    stopped = _cli(["run", str(path), "--out", str(run_dir), "--no-report"], fault=f"{action}:point=step,step=2")
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    assert "resume with" in stopped.stderr
+    from lifealign.training.checkpoint import Checkpointer
+
+    latest = Checkpointer(run_dir / "checkpoints").latest()
+    assert latest.state["loop"]["stage_step"] == 3  # the step running at the signal (index 2) finished and was saved
+    resumed = _cli(["run", str(path), "--out", str(run_dir), "--no-report", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref_adapter, ref_scores, ref_steps = _final_state(ref_dir)
+    adapter, scores, steps = _final_state(run_dir)
+    assert all(torch.equal(ref_adapter[k], adapter[k]) for k in ref_adapter)
+    assert scores == ref_scores and steps == ref_steps

@@ -6,10 +6,11 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
+
+from lifealign.training.interrupt import RunInterrupted, install_stop_handlers, restore_handlers
 
 EXIT_USAGE = 2
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -124,15 +125,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _install_signal_handlers() -> None:
-    """SIGTERM behaves like Ctrl-C: stop, keep the last committed checkpoint, exit 143."""
-
-    def on_term(signum, frame):  # noqa: ARG001
-        raise SystemExit(143)
-
-    signal.signal(signal.SIGTERM, on_term)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
@@ -141,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    _install_signal_handlers()
+    previous_handlers = install_stop_handlers()
     commands = {
         "run": _cmd_run,
         "train": lambda a: _cmd_run(a, single_task=True),
@@ -152,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
+    except RunInterrupted as exc:
+        print(f"\n{exc}; resume with the same command and --resume", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("\ninterrupted; the last committed checkpoint is intact — resume with the same command + --resume",
+        print("\ninterrupted; the last committed checkpoint is intact — resume with the same command and --resume",
               file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
@@ -161,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ValueError | FileNotFoundError) else 1
+    finally:
+        restore_handlers(previous_handlers)
 
 
 if __name__ == "__main__":

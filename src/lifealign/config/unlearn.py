@@ -46,7 +46,8 @@ class UnlearnSection(Section):
 
     # ----- outer problem: selection and weights -----
     selection: Literal["u2a", "all"] = "u2a"
-    """``u2a``: score, select top-k, re-weight; ``all``: unlearn every candidate with equal weights."""
+    """For negative tasks of a stream: ``u2a`` scores, selects and re-weights; ``all`` unlearns every candidate with
+    equal weights. ``lifealign unlearn`` always runs U2A (the full-set objectives are its baselines)."""
     k: int | None = Field(None, gt=0)
     """Size of the selected set; ``None`` = ``ceil(k_fraction * candidates)``."""
     k_fraction: float = Field(0.04, gt=0.0, le=1.0)

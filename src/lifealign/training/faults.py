@@ -5,6 +5,7 @@ with matching keys, the process kills itself with SIGKILL (no ``finally`` blocks
 
     LIFEALIGN_FAULT=kill:point=step,task=1,stage=pref,step=3
     LIFEALIGN_FAULT=kill:point=save,after_file=adapter.safetensors
+    LIFEALIGN_FAULT=term:point=step,task=0,stage=pref,step=2   (SIGTERM; ``int`` sends SIGINT)
     LIFEALIGN_FAULT=nan:point=loss,step=2        (returns True so the caller poisons the loss)
 """
 
@@ -14,6 +15,7 @@ import os
 import signal
 
 ENV = "LIFEALIGN_FAULT"
+_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
 
 
 def _parse(spec: str) -> tuple[str, dict[str, str]]:
@@ -41,6 +43,6 @@ def fault_matches(point: str, **where: object) -> str | None:
 def maybe_fault(point: str, **where: object) -> bool:
     """Kill the process at a matching ``kill`` fault; return True for a matching ``nan`` fault."""
     action = fault_matches(point, **where)
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if action in _SIGNALS:
+        os.kill(os.getpid(), _SIGNALS[action])
     return action == "nan"

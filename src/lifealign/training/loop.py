@@ -24,6 +24,7 @@ from lifealign.data.records import Task
 from lifealign.losses.combine import CombinedLoss
 from lifealign.training.faults import maybe_fault
 from lifealign.training.forward import batch_logps, compute_reference_logps, loss_inputs, reference_policy
+from lifealign.training.interrupt import RunInterrupted, stop_requested
 from lifealign.training.plugin import Plugin, PluginContext
 
 logger = logging.getLogger(__name__)
@@ -286,6 +287,10 @@ def train_task(
                 f"(index {plan.task_index}), stage {plan.stage}, step {step + 1}; the last committed checkpoint "
                 "is intact — lower train.lr or check the data"
             )
+        signum = stop_requested()
+        if signum is not None and step + 1 < steps:
+            checkpoint(step + 1)
+            raise RunInterrupted(signum, f"at task {plan.task.name!r}, stage {plan.stage}, step {step + 1}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
             checkpoint(step + 1)
     bar.close()

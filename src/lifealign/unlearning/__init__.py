@@ -5,10 +5,9 @@ unlearning on the one training loop, baselines, ``lifealign unlearn`` and the ne
   (``fast_scores``), the per-example reference (``naive_scores``), LiSSA / conjugate gradient.
 - ``selection.py``: the sign convention (``dJ/dw_i = -s_i``), top-k, exponentiated-gradient weights.
 - ``inner.py`` + ``plugins.py``: one weighted solve through ``train_task``; regulariser, retain term, stop rule.
-- ``u2a.py``: the bi-level procedure and ``run_unlearning`` (``runner.py``, ``baselines.py``, ``report.py``).
+- ``u2a.py``: the bi-level procedure and ``run_unlearning`` (``runner.py``, ``baselines.py``, ``evaluate.py``,
+  ``report.py``); ``data.py``: U2A's splits; ``config.py``: the inner objectives.
 - ``stream.py``: ``unlearn_stage`` for ``kind: negative`` tasks of ``lifealign run``.
 
 The submodules import torch and peft; import them directly (this package's import stays light).
 """
-
-__all__ = ["baselines", "config", "influence", "inner", "plugins", "selection", "stream", "u2a"]

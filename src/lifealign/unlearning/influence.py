@@ -127,9 +127,10 @@ def _scoring_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _autocast(precision: Precision) -> contextlib.AbstractContextManager:
+def _autocast(precision: Precision, model: nn.Module) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the model's device for ``precision="bf16"``; the contractions stay fp32 regardless."""
     if precision == "bf16":
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+        return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -168,7 +169,7 @@ def preference_gradient(
     with _scoring_mode(model):
         for start in range(0, n, batch_size):
             batch = collate_pairs(examples[start : start + batch_size], pad_id, sides=PAIR)
-            with _autocast(precision):
+            with _autocast(precision, model):
                 policy = batch_logps(model, batch)
             losses = dpo(loss_inputs(policy, ref_logps[start : start + batch_size], PAIR), beta=beta).losses
             part = losses.sum() / n
@@ -260,7 +261,7 @@ def fast_scores(
         for start in range(0, len(examples), batch_size):
             batch = collate_pairs(examples[start : start + batch_size], pad_id, sides=FORGET)
             with _LoraCapture(layers, direction) as cap:
-                with _autocast(precision):
+                with _autocast(precision, model):
                     policy = batch_logps(model, batch)
                 total = per_example_unlearn_losses(loss, policy, _ref_rows(ref_logps, slice(start, start + batch_size)))
                 outputs = list(cap.u.values())
@@ -287,7 +288,7 @@ def naive_scores(
     with _scoring_mode(model):
         for i, example in enumerate(examples):
             batch = collate_pairs([example], pad_id, sides=FORGET)
-            with _autocast(precision):
+            with _autocast(precision, model):
                 policy = batch_logps(model, batch)
             value = per_example_unlearn_losses(loss, policy, _ref_rows(ref_logps, slice(i, i + 1))).sum()
             grads = torch.autograd.grad(value, params)
