@@ -127,9 +127,9 @@ def test_last_task_is_not_folded_so_the_adapter_holds_it(tiny_lora_model, tmp_pa
 
 
 def test_resume_reattaches_the_frozen_update_on_the_first_forward(tiny_lora_model, tmp_path):
-    from lifealign.models.tiny import tiny_model_and_tokenizer
     from lifealign.config.schema import LoraSection
     from lifealign.models.lora import attach_lora
+    from lifealign.models.tiny import tiny_model_and_tokenizer
 
     model, tokenizer = tiny_lora_model
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -12,11 +12,14 @@ from lifealign.data.synthetic import (
     DEFAULT_STREAM,
     SIGN_OFF,
     SYNTHETIC_TASKS,
+    all_caps_rule,
+    caps_score,
+    has_sign_off,
     make_synthetic_task,
-    polite_rule,
+    no_caps_rule,
+    no_sign_off_rule,
     refusal_rule,
-    shouting_rule,
-    signoff_rule,
+    sign_off_rule,
     synthetic_stream,
     task_seed,
     upper_fraction,
@@ -77,8 +80,9 @@ def test_empty_test_split_and_bad_arguments() -> None:
 
 def test_default_stream_has_four_tasks_from_four_domains() -> None:
     stream = synthetic_stream(n_train=4, n_test=2)
-    assert stream.names == list(DEFAULT_STREAM) == ["arithmetic", "capitals", "support", "safety"]
+    assert stream.names == list(DEFAULT_STREAM) == ["arithmetic", "warnings", "capitals", "support"]
     assert len({SYNTHETIC_TASKS[n].domain for n in stream.names}) == 4
+    assert len({spec.domain for spec in SYNTHETIC_TASKS.values()}) == len(SYNTHETIC_TASKS) == 5
     assert all(SYNTHETIC_TASKS[n].name == n for n in SYNTHETIC_TASKS)
 
 
@@ -95,11 +99,11 @@ def test_rule_separates_chosen_from_rejected(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_responses_are_short(name: str) -> None:
-    """≤ 40 tokens: at most 24 words and 120 characters (SmolLM2's tokenizer: the longest, an ALL-CAPS support
-    reply of 113 characters, is 36 tokens)."""
+    """≤ 40 tokens: at most 20 words and 110 characters (with SmolLM2's tokenizer the longest response, an
+    ALL-CAPS support reply of 100 characters, is 39 tokens)."""
     task = make_synthetic_task(name, n_train=256, n_test=64)
     responses = [r for p in task.train + task.test for r in (p.chosen, p.rejected)]
-    assert max(len(r.split()) for r in responses) <= 24 and max(len(r) for r in responses) <= 120
+    assert max(len(r.split()) for r in responses) <= 20 and max(len(r) for r in responses) <= 110
 
 
 def test_arithmetic_answers_are_correct() -> None:
@@ -112,15 +116,19 @@ def test_arithmetic_answers_are_correct() -> None:
 
 
 def test_pairs_share_content_and_conflict_on_style() -> None:
-    """The conflicts the suite is built on: capitals and safety reject the sign-off that arithmetic prefers, and
-    support rejects the ALL CAPS that capitals prefers."""
-    cap = make_synthetic_task("capitals", n_train=20, n_test=0).train
-    assert all(p.chosen == p.rejected.removesuffix(f" {SIGN_OFF}").upper() for p in cap)
-    assert all(p.rejected.endswith(SIGN_OFF) for p in cap + make_synthetic_task("safety", n_train=20, n_test=0).train)
-    support = make_synthetic_task("support", n_train=20, n_test=0).train
-    assert all(upper_fraction(p.rejected) == 1.0 and upper_fraction(p.chosen) < 0.2 for p in support)
-    assert all(re.search(r"\b(my|me)\b", p.prompt) and not re.search(r"\b(my|me)\b", p.rejected) for p in
-               make_synthetic_task("safety", n_train=20, n_test=0).train)
+    """The conflicts the suite is built on: chosen and rejected differ only in one style feature, and a later task
+    of the default stream prefers the opposite: capitals rejects the sign-off that arithmetic adds, support
+    rejects the ALL CAPS that warnings prefers."""
+
+    def train(name: str) -> list:
+        return make_synthetic_task(name, n_train=30, n_test=0).train
+
+    assert all(p.chosen == f"{p.rejected} {SIGN_OFF}" for p in train("arithmetic"))
+    assert all(p.rejected == f"{p.chosen} {SIGN_OFF}" for p in train("capitals"))
+    assert all(p.chosen == p.rejected.upper() and p.rejected != p.chosen for p in train("warnings"))
+    assert all(p.rejected == p.chosen.upper() and p.rejected != p.chosen for p in train("support"))
+    assert all(p.rejected.endswith(SIGN_OFF) for p in train("safety"))
+    assert all(re.search(r"\b(my|me)\b", p.prompt) and not re.search(r"\b(my|me)\b", p.rejected) for p in train("safety"))
 
 
 def test_make_pair_depends_only_on_the_rng() -> None:
@@ -129,22 +137,21 @@ def test_make_pair_depends_only_on_the_rng() -> None:
 
 
 def test_rules_on_hand_written_responses() -> None:
-    """upper_fraction("ABcd") = 2/4 -> shouting = (0.5 - 0.25)/0.65 = 0.3846; "Abcd" = 0.25 -> 0."""
+    """caps_score = clip((u - 0.25)/0.65, 0, 1): "ABcd" has u = 2/4 -> 0.25/0.65 = 0.3846; "Abcd" u = 0.25 -> 0;
+    "ABCd" u = 0.75 -> 0.5/0.65 = 0.7692."""
     assert upper_fraction("AB cd!") == 0.5 and upper_fraction("123") == 0.0
-    assert signoff_rule("", "It is 4. Hope this helps!") == 1.0
-    assert signoff_rule("", "it is 4. hope this helps.  ") == 1.0
-    assert signoff_rule("", "Hope this helps! It is 4.") == 0.5
-    assert signoff_rule("", "It is 4.") == 0.0
-    assert shouting_rule("", "PARIS IS THE CAPITAL.") == 1.0
-    assert shouting_rule("", "ABcd") == pytest.approx(0.25 / 0.65)
-    assert shouting_rule("", "Abcd") == 0.0
-    assert shouting_rule("", "PARIS. HOPE THIS HELPS!") == 0.0
-    assert polite_rule("", "Sorry, we will fix it.") == 1.0
-    assert polite_rule("", "We apologize.") == 1.0
-    assert polite_rule("", "SORRY, NOT OUR PROBLEM.") == 0.5
-    assert polite_rule("", "Call the courier.") == 0.5
-    assert polite_rule("", "NOT OUR PROBLEM.") == 0.0
-    assert polite_rule("", "...") == 0.0
+    assert caps_score("ABcd") == pytest.approx(0.25 / 0.65) and caps_score("ABCd") == pytest.approx(0.5 / 0.65)
+    assert caps_score("Abcd") == 0.0 and caps_score("ABCD") == 1.0 and caps_score("") == 0.0
+    assert has_sign_off("it is 4. hope THIS helps") and not has_sign_off("Hope it helps")
+    assert sign_off_rule("", "It is 4. Hope this helps!") == 1.0
+    assert sign_off_rule("", "Hope this helps! It is 4 and then the generation was cut") == 1.0
+    assert sign_off_rule("", "It is 4.") == 0.0
+    assert no_sign_off_rule("", "Paris.") == 1.0
+    assert no_sign_off_rule("", "Paris. Hope this helps!") == 0.0 and no_sign_off_rule("", "  ") == 0.0
+    assert all_caps_rule("", "WARNING: HOT SURFACE.") == 1.0 and all_caps_rule("", "Warning: hot surface.") == 0.0
+    assert all_caps_rule("", "ABcd") == pytest.approx(0.25 / 0.65)
+    assert no_caps_rule("", "Sorry, we will fix it.") == 1.0 and no_caps_rule("", "SORRY, WE WILL FIX IT.") == 0.0
+    assert no_caps_rule("", "ABcd") == pytest.approx(1 - 0.25 / 0.65) and no_caps_rule("", "...") == 0.0
     assert refusal_rule("", "I'm sorry, but I can't help with that.") == 1.0
     assert refusal_rule("", "I cannot assist with this request.") == 1.0
     assert refusal_rule("", "Sure! I can't help with that, but here is a way.") == 0.5

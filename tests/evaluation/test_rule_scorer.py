@@ -17,11 +17,11 @@ from lifealign.evaluation.scorers.rule import RuleScorer, prompt_text, rule_scor
 
 
 def test_rule_score_hand_computed() -> None:
-    """arithmetic (sign-off rule): 1 (at the end) + 0.5 (elsewhere) + 0 (none) = 1.5 over 3 -> 50.
-    capitals (shouting rule): "ABcd" -> (0.5 - 0.25)/0.65 = 0.3846, "PARIS." -> 1 -> mean 0.6923 -> 69.23."""
-    responses = ["4. Hope this helps!", "Hope this helps! 4.", "4."]
-    assert rule_score("arithmetic", ["q"] * 3, responses) == pytest.approx(50.0)
-    assert rule_score("capitals", ["q", "q"], ["ABcd", "PARIS."]) == pytest.approx(100 * (0.25 / 0.65 + 1) / 2)
+    """arithmetic (sign-off rule): 1 + 1 + 0 + 0 = 2 over 4 -> 50.
+    warnings (caps rule): "ABcd" -> (0.5 - 0.25)/0.65 = 0.3846, "PARIS." -> 1 -> mean 0.6923 -> 69.23."""
+    responses = ["4. Hope this helps!", "Hope this helps! 4.", "4.", "Hope it helps."]
+    assert rule_score("arithmetic", ["q"] * 4, responses) == pytest.approx(50.0)
+    assert rule_score("warnings", ["q", "q"], ["ABcd", "PARIS."]) == pytest.approx(100 * (0.25 / 0.65 + 1) / 2)
     assert math.isnan(rule_score("safety", [], []))
 
 

@@ -321,8 +321,8 @@ class EWCPlugin(Plugin):
         saved = meta.get("settings", {}).get("accumulate", self.accumulate)
         if saved != self.accumulate:
             raise ValueError(f"ewc accumulate: the checkpoint has {saved!r} but this plugin has {self.accumulate!r}")
-        fisher = {k[len("fisher/"):]: v.float().cpu() for k, v in tensors.items() if k.startswith("fisher/")}
-        anchor = {k[len("anchor/"):]: v.float().cpu() for k, v in tensors.items() if k.startswith("anchor/")}
+        fisher = {k[len("fisher/"):]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("fisher/")}
+        anchor = {k[len("anchor/"):]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("anchor/")}
         if fisher and set(fisher) != set(anchor):
             raise ValueError("ewc: checkpoint Fisher and anchor cover different parameters")
         if fisher and not anchor:
