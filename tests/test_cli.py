@@ -122,3 +122,17 @@ def test_module_entry_point_and_report(tmp_path):
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert (tmp_path / "rep" / "report.md").exists()
     assert list((tmp_path / "rep").glob("*.png"))
+
+
+def test_eval_scores_a_saved_adapter_like_the_run_did(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, n_tasks=1, eval={"scorers": ["pref_acc"], "max_examples": 8, "drift": False})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "out"
+    assert main(["train", str(path), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(path), "--adapter", str(out / "adapter"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    trained = json.loads((out / "scores.json").read_text())["seqft"]
+    assert evaluated["arithmetic"]["pref_acc"] == trained["pref_acc"]["matrix"][0][0]
+    assert abs(evaluated["arithmetic"]["margin"] - trained["margin"]["matrix"][0][0]) < 1e-5

@@ -156,3 +156,21 @@ def run_experiment(
             write_report([run_dir], run_dir)
     accelerator.wait_for_everyone()
     return all_scores
+
+
+def evaluate_adapter(cfg: RunConfig, adapter: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Score the base model (or base + a saved peft adapter) on every task of ``cfg`` with ``eval.scorers``.
+
+    The reference for ``pref_acc`` is the base model (adapter disabled), as in training with ``reference: base``.
+    """
+    from lifealign.evaluation.scorers import evaluate_task
+    from lifealign.evaluation.scorers.base import EvalContext
+    from lifealign.models.load import load_model_and_tokenizer
+    from lifealign.models.lora import attach_lora, load_adapter
+
+    stream = load_stream(cfg.tasks, cfg.data, seed=cfg.train.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model = load_adapter(model, adapter) if adapter else attach_lora(model, cfg.model.lora)
+    ctx = EvalContext(model=model, tokenizer=tokenizer, data=cfg.data, eval=cfg.eval)
+    scorers = build_scorers(cfg)
+    return {task.name: evaluate_task(ctx, task, scorers) for task in stream if task.test}

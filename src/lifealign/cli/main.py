@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(sub.add_parser("run", help="learn a stream of tasks with one or more methods, scoring every task"))
     _add_run_args(sub.add_parser("train", help="train one preference task (DPO, IPO, FPO, ...) into a run folder"))
     _add_run_args(sub.add_parser("unlearn", help="U2A: align by unlearning a selected, weighted subset of negatives"))
+    ev = sub.add_parser("eval", help="score the base model or a saved adapter on the config's tasks")
+    ev.add_argument("config")
+    ev.add_argument("overrides", nargs="*")
+    ev.add_argument("--adapter", help="a peft adapter folder (e.g. RUN_DIR/adapter); default: the base model")
+    ev.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="SeqFT vs LifeAlign on the offline synthetic suite with SmolLM2-135M")
     demo.add_argument("overrides", nargs="*")
     demo.add_argument("--out", default="runs/demo")
@@ -92,6 +97,22 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lifealign.config.load import load_config
+    from lifealign.pipeline import evaluate_adapter
+
+    scores = evaluate_adapter(load_config(args.config, args.overrides), args.adapter)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+        return 0
+    metrics = list(dict.fromkeys(m for by_task in scores.values() for m in by_task))
+    print("| task | " + " | ".join(metrics) + " |")
+    print("|---|" + "---|" * len(metrics))
+    for task, by_metric in scores.items():
+        print(f"| {task} | " + " | ".join(f"{by_metric.get(m, float('nan')):.2f}" for m in metrics) + " |")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     args.config = str(DEMO_CONFIG)
     args.strict_resume = False
@@ -138,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _cmd_run,
         "train": lambda a: _cmd_run(a, single_task=True),
         "unlearn": _cmd_unlearn,
+        "eval": _cmd_eval,
         "demo": _cmd_demo,
         "report": _cmd_report,
         "data": _cmd_data,
