@@ -121,3 +121,36 @@ def test_lora_state_changes_after_training(tmp_path):
     b_keys = [k for k in trained if "lora_B" in k]
     assert b_keys and all(trained[k].abs().sum() > 0 for k in b_keys)
     assert all(v.abs().sum() == 0 for k, v in init.items() if "lora_B" in k)
+
+
+class _NanGradOnce:
+    """A plugin that poisons one LoRA gradient with NaN on the second optimizer step (finite loss, F18)."""
+
+    name = "nangrad"
+
+    def __init__(self):
+        from lifealign.training.plugin import Plugin
+
+        self._base = Plugin()
+        self.calls = 0
+
+    def __getattr__(self, item):
+        return getattr(self._base, item)
+
+    def after_backward(self, ctx):
+        self.calls += 1
+        if self.calls == 2:
+            p = next(p for p in ctx.model.parameters() if p.requires_grad and p.grad is not None)
+            p.grad.view(-1)[0] = float("nan")
+
+
+def test_nan_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
+    from lifealign.continual import METHODS
+
+    monkeypatch.setitem(METHODS, "nangrad", _NanGradOnce)
+    cfg = tiny_config(tmp_path, n_tasks=1, method={"name": "m", "loss": {"name": "dpo"}, "plugins": [{"name": "nangrad"}]})
+    run_experiment(cfg, report=False)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("stage") == "pref"]
+    skipped = [r for r in records if r["event"] == "nonfinite_skipped"]
+    assert [r["step"] for r in skipped] == [2]
+    assert skipped[0]["loss"] is not None and skipped[0]["grad_norm"] is None

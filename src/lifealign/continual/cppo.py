@@ -15,8 +15,8 @@ noisy              c ≤ c_lo and m ≤ m_lo         alpha_lb    beta_lb
 normal             otherwise                     1           1
 =================  ============================  ==========  =========
 
-(bounds 0.5 and 2). A zero std is clamped to 1e-8 as in the authors' code (every example is then "normal"); a
-one-pair batch has no std and gets α = β = 1. The authors' loss per example is ``α_i ℓ_i + kr_coef · β_i · KR_i`` with ``ℓ_i`` the per-example objective and
+(bounds 0.5 and 2). A zero std is clamped to 1e-8 as in the authors' code, with the statistics in float64 so that
+the floor is not rounded away (every example is then "normal"); a one-pair batch has no std and gets α = β = 1. The authors' loss per example is ``α_i ℓ_i + kr_coef · β_i · KR_i`` with ``ℓ_i`` the per-example objective and
 
     KR_i = (log π(y_c,i) − log π_old(y_c,i))² + (log π(y_r,i) − log π_old(y_r,i))²,
 
@@ -72,8 +72,10 @@ def cppo_weights(
 ) -> tuple[Tensor, Tensor]:
     """Per-example ``(α, β)`` from the classification table in the module docstring (later rows override earlier
     ones where both hold, as in the authors' code). Inputs ``(B,)``; outputs float32 ``(B,)``."""
-    m, c = margins.detach().float(), chosen_logps.detach().float()
-    alpha, beta = torch.ones_like(m), torch.ones_like(m)
+    # float64: in float32 a 1e-8 floor vanishes next to a mean of ~0.3, and equal values would all be "noisy"
+    m, c = margins.detach().double(), chosen_logps.detach().double()
+    alpha = torch.ones(m.shape, dtype=torch.float32, device=m.device)
+    beta = torch.ones_like(alpha)
     if m.numel() < 2:
         return alpha, beta
     m_std, c_std = m.std().clamp_min(STD_FLOOR), c.std().clamp_min(STD_FLOOR)
