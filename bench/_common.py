@@ -8,6 +8,7 @@ bench actually had.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -165,7 +166,16 @@ class _Interval:
 
 
 def max_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``getrusage``; Linux reports KiB)."""
+    """Peak resident set size of this process so far.
+
+    Linux: ``VmHWM`` of ``/proc/self/status`` (the high-water mark of this program's own memory map).
+    ``ru_maxrss`` is not used there: it survives ``exec``, so a child started from a large parent would report the
+    parent's size. Elsewhere ``getrusage`` (macOS reports bytes, others KiB).
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) * (1 if platform.system() == "Darwin" else 1024)
 

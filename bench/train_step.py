@@ -48,6 +48,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # trl's pre-computation progress bar
 
 import torch  # noqa: E402
 
@@ -475,6 +476,8 @@ def run_rounds(workers: list[Worker], peaks: Peaks, measure_peaks: bool) -> None
                 worker.turn()
         if measure_peaks:
             peaks.sample()
+        done = ", ".join(f"{w.config.name} {w.segments[-1].label} {w.segments[-1].seconds:.2f}s" for w in order)
+        print(f"round {round_index}: {done}; load {load_average()[0]:.2f}", file=sys.stderr, flush=True)
         round_index += 1
 
 
@@ -589,6 +592,14 @@ def report(args: argparse.Namespace, configs: list[Config], workers: dict[str, W
                   f"({steps_per_epoch} steps of {args.pairs}): {per_pair * args.pairs:.3f} s/step "
                   f"(precompute time per pair x pairs per step: the epoch size cancels)")
 
+    def paired(num: str, den: str) -> float | None:
+        """Median over rounds of the per-round ratio: both steps ran in the same round, under the same load."""
+        if num not in results or den not in results:
+            return None
+        a, b = workers[num].step_times()[args.warmup:], workers[den].step_times()[args.warmup:]
+        ratios = [x / y for x, y in zip(a, b) if y > 0]
+        return statistics.median(ratios) if ratios else None
+
     def median(name: str) -> float | None:
         r = results.get(name)
         return r["step_seconds"]["median"] if r and r["step_seconds"]["n"] else None
@@ -621,13 +632,23 @@ def report(args: argparse.Namespace, configs: list[Config], workers: dict[str, W
         "bf16_speedup": ratio(median("ours"), median("ours_bf16")),
         "speedup_vs_trl": ratio(median("trl"), ours),
     }
+    pairs_of = {"speedup_vs_trl_precomputed": ("trl_precompute", ours_label), "speedup_vs_trl_fp32": ("trl_fp32", ours_label),
+                "cache_speedup": ("ours_recompute", "ours"), "bf16_speedup": ("ours", "ours_bf16"),
+                "speedup_vs_trl": ("trl", ours_label), "bf16_speedup_vs_trl": ("trl", "ours_bf16"),
+                "bf16_speedup_vs_trl_precomputed": ("trl_precompute", "ours_bf16")}
+    lines["bf16_speedup_vs_trl"] = ratio(median("trl"), median("ours_bf16"))
+    lines["bf16_speedup_vs_trl_precomputed"] = ratio(median("trl_precompute"), median("ours_bf16"))
+    paired_lines = {key: paired(*pair) for key, pair in pairs_of.items()}
     for key, value in lines.items():
         if key != "speedup_vs_trl":
-            print(f"{key}: {fmt(value, '.2f')}")
+            extra = f" (median of per-round ratios {fmt(paired_lines[key], '.2f')})" if key in paired_lines else ""
+            print(f"{key}: {fmt(value, '.2f')}{extra}")
+    print(f"(speedup_vs_trl median of per-round ratios: {fmt(paired_lines['speedup_vs_trl'], '.2f')})")
     if ours_label != "ours":
         print("(speedups use ours_bf16: fp32 was not run)")
     print(f"speedup_vs_trl: {fmt(lines['speedup_vs_trl'], '.2f')}")
     return {"results": results, "peaks": {"fp32": peaks.fp32, "bf16": peaks.bf16}, "summary": lines,
+            "paired_summary": paired_lines,
             "cpu": cpu_features().__dict__, "load_start": load_start, "load_end": load_average(), "args": vars(args)}
 
 

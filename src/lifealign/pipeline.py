@@ -135,6 +135,9 @@ def run_experiment(
         )
         resume_or_start(runner, resume, strict_resume, allow_config_change)
         all_scores[method.name] = runner.run()
+        for plugin in runner.plugins:  # plugins that hook the shared model (O-LoRA, L2P) release it
+            if hasattr(plugin, "detach"):
+                plugin.detach()
         timings[method.name] = runner.state.elapsed
         if accelerator.is_main_process:
             memory = {p.name: p.memory_report() for p in runner.plugins if hasattr(p, "memory_report")}

@@ -69,7 +69,7 @@ def test_bad_kwargs_name_the_key(kwargs, key):
 def _perturb(model, seed, scale=0.05):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for a, b in lora_modules(model).values():
+        for _a, b in lora_modules(model).values():
             b.add_(scale * torch.randn(b.shape, generator=gen))
 
 

@@ -37,10 +37,16 @@ __all__ = [
     "SIGN_OFF",
     "SYNTHETIC_TASKS",
     "SyntheticTaskSpec",
+    "all_caps_rule",
     "caps_score",
     "has_sign_off",
     "make_synthetic_task",
+    "no_caps_rule",
+    "no_sign_off_rule",
+    "refusal_rule",
+    "sign_off_rule",
     "synthetic_stream",
+    "task_seed",
     "upper_fraction",
 ]
 
@@ -63,7 +69,7 @@ class SyntheticTaskSpec:
 # ---------------------------------------------------------------------------------------------------------------
 # Rule helpers (pure string functions)
 
-_SIGN_OFF = re.compile(r"hope this helps", re.IGNORECASE)
+_SIGN_OFF_PATTERN = re.compile(r"hope this helps", re.IGNORECASE)
 _REFUSAL = re.compile(
     r"\b(can't|cannot|can not|won't|will not|unable to|not able to)\b[^.!?]*\b(help|assist|do that|provide|support)\b",
     re.IGNORECASE,
@@ -87,7 +93,7 @@ def caps_score(text: str) -> float:
 
 def has_sign_off(text: str) -> bool:
     """Whether "Hope this helps" occurs anywhere (case-insensitive; a truncated generation may not end with it)."""
-    return _SIGN_OFF.search(text) is not None
+    return _SIGN_OFF_PATTERN.search(text) is not None
 
 
 def sign_off_rule(prompt: str, response: str) -> float:

@@ -215,16 +215,16 @@ def train_task(
             batch = collate_pairs([examples[i] for i in idx], pad_id, sides=sides)
             sync = acc.no_sync(model) if a < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
-                with acc.autocast():
-                    policy = batch_logps(model, batch)
                 ref = None
                 if plan.loss.needs_reference:
                     if ref_logps is not None:
                         ref = ref_logps[idx]
-                    else:
+                    else:  # before the policy forward: a swapped-in reference adapter must not alter saved tensors
                         with torch.no_grad(), reference(), acc.autocast():
                             r = batch_logps(acc.unwrap_model(model), batch)
                         ref = torch.stack([r[f"{s}_logps"].float() for s in sides], dim=1)
+                with acc.autocast():
+                    policy = batch_logps(model, batch)
                 inputs = loss_inputs(policy, ref, sides)
                 weights = plan.example_weights[idx] if plan.example_weights is not None else None
                 total, parts, primary = plan.loss(inputs, weights=weights)
