@@ -14,6 +14,7 @@ from lifealign.evaluation.scorers.generation import Bleu4, RougeL
 from lifealign.evaluation.scorers.judge import JudgeScorer
 from lifealign.evaluation.scorers.preference import PreferenceAccuracy
 from lifealign.evaluation.scorers.reward_model import RewardModelScorer
+from lifealign.evaluation.scorers.rule import RuleScorer
 
 __all__ = ["SCORERS", "EvalContext", "Scorer", "build_scorers", "evaluate_task"]
 
@@ -23,6 +24,7 @@ SCORERS: dict[str, type[Scorer]] = {
     "bleu4": Bleu4,
     "judge": JudgeScorer,
     "reward_model": RewardModelScorer,
+    "rule": RuleScorer,
 }
 
 
