@@ -139,7 +139,7 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-TRAJECTORY_KEYS = ("model", "data", "tasks", "method", "methods", "train", "sft")
+TRAJECTORY_KEYS = ("model", "data", "tasks", "method", "methods", "train", "sft", "unlearn")
 """Sections whose change alters the training trajectory; a resume refuses to continue when they differ."""
 
 

@@ -172,7 +172,7 @@ class StreamRunner:
         if st.get("config_hash") != trajectory_hash(self.cfg) and not allow_config_change:
             raise ResumeError(
                 f"{ckpt.path}: the run's config changed since this checkpoint (a trajectory-affecting key of "
-                "model/data/tasks/method/train/sft differs); resume with the same config or pass --allow-config-change"
+                "model/data/tasks/method/train/sft/unlearn differs); resume with the same config or pass --allow-config-change"
             )
         load_lora_state(self.acc.unwrap_model(self.model), ckpt.tensors("adapter"))
         plugin_tensors = ckpt.tensors("plugins")
