@@ -270,10 +270,11 @@ class StreamRunner:
             if not task.test:
                 continue
             scores: dict[str, float] = {}
-            for scorer in self.scorers:
-                scores.update(scorer.score(ctx, task))
-            if self.cfg.eval.drift and row is not None:
-                scores.update(measure_drift(ctx, task, tracker, just_learned=j in learned))
+            with self.acc.autocast():  # evaluate in the run's precision (bf16 runs score under bf16 autocast)
+                for scorer in self.scorers:
+                    scores.update(scorer.score(ctx, task))
+                if self.cfg.eval.drift and row is not None:
+                    scores.update(measure_drift(ctx, task, tracker, just_learned=j in learned))
             for metric, value in scores.items():
                 if row is None:
                     self.state.initial.setdefault(metric, [None] * n)[j] = _finite_or_none(value)
