@@ -111,6 +111,8 @@ def run_experiment(
     if not cfg.tasks:
         raise ValueError("tasks: the config lists no task")
     started = time.monotonic()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     stream = load_stream(cfg.tasks, cfg.data, seed=cfg.train.seed)
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:

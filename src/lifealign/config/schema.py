@@ -114,6 +114,8 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
     precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int | None = Field(None, gt=0)
+    """``torch.set_num_threads`` for the run; 1 is faster on a CPU shared with other jobs (default: torch's)."""
     cache_reference: bool = True
     """Compute reference log-probs once per dataset (the reference never changes within a stage)."""
     save_every: int = Field(50, gt=0)
