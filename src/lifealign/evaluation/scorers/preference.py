@@ -20,7 +20,7 @@ import torch
 from lifealign.data.collate import collate_pairs
 from lifealign.data.records import Task
 from lifealign.evaluation.scorers.base import EvalContext, PairLogps, Scorer, eval_mode, task_examples
-from lifealign.losses.logps import sequence_logps
+from lifealign.training.forward import batch_logps
 
 __all__ = [
     "PreferenceAccuracy",
@@ -65,13 +65,10 @@ def pair_logps(
     chosen: list[torch.Tensor] = []
     rejected: list[torch.Tensor] = []
     for start in range(0, len(examples), batch_size):
-        batch = collate_pairs(examples[start : start + batch_size], pad_id)
-        input_ids = batch["input_ids"].to(device)  # (2B, T), chosen rows then rejected rows
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-        logps, _ = sequence_logps(logits, input_ids, batch["completion_mask"].to(device))
-        b = batch["n_pairs"]
-        chosen.append(logps[:b].float().cpu())
-        rejected.append(logps[b : 2 * b].float().cpu())
+        batch = collate_pairs(examples[start : start + batch_size], pad_id)  # chosen rows then rejected rows
+        logps = batch_logps(model, batch)  # the LM head runs only on response positions
+        chosen.append(logps["chosen_logps"].float().cpu())
+        rejected.append(logps["rejected_logps"].float().cpu())
     empty = torch.zeros(0)
     return PairLogps(
         ids=[str(e["id"]) for e in examples],
