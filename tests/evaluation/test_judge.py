@@ -74,7 +74,15 @@ def _handler_for(server: FakeJudgeServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args) -> None:
             pass
 
+        def _leave(self) -> None:
+            """Count this request out *before* the client can see its reply, so the next one never overlaps it."""
+            if getattr(self, "_counted", False):
+                self._counted = False
+                with server.lock:
+                    server.in_flight -= 1
+
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            self._leave()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -96,11 +104,11 @@ def _handler_for(server: FakeJudgeServer) -> type[BaseHTTPRequestHandler]:
                 )
                 server.in_flight += 1
                 server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self._counted = True
             try:
                 self._act(server.action_for(_prompt_of(body)))
             finally:
-                with server.lock:
-                    server.in_flight -= 1
+                self._leave()
 
         def _act(self, action: tuple) -> None:
             kind = action[0]
