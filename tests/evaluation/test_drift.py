@@ -129,7 +129,7 @@ def test_measure_drift_records_at_learning_then_reports_displacement(tiny_lora_m
     later = measure_drift(ctx, TASK, tracker, just_learned=False)
     with torch.no_grad():
         now = pair_logps(
-            model, task_examples(ctx, TASK), tokenizer.pad_token_id, batch_size=3, device=torch.device("cpu")
+            model, task_examples(ctx, TASK), tokenizer.pad_token_id, batch_size=3
         )
     expected_chosen = (now.chosen - then.chosen).mean().item()
     assert later["chosen_displacement"] == pytest.approx(expected_chosen, abs=1e-4)

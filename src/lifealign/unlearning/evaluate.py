@@ -45,10 +45,6 @@ class EvalSets:
     """The held-out pairs as a task, for the generation scorers."""
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def prepare_eval_sets(
     model: nn.Module,
     tokenizer: Any,
@@ -64,7 +60,7 @@ def prepare_eval_sets(
     records = list(test[:limit] if limit else test)
     examples = tokenize_pairs(records, tokenizer, data).examples if records else []
     with eval_mode(model), reference_context(model):
-        ref = pair_logps(model, examples, tokenizer.pad_token_id, batch_size=batch_size, device=_device(model))
+        ref = pair_logps(model, examples, tokenizer.pad_token_id, batch_size=batch_size)
     return EvalSets(
         test=examples,
         ref_chosen=ref.chosen,
@@ -102,7 +98,7 @@ def evaluate_unlearning(
     """``pref_acc``, ``J``, ``delta_J``, ``margin``, ``forget_nll``, ``retain_nll`` and every extra scorer's keys."""
     pad_id = tokenizer.pad_token_id
     with eval_mode(model):
-        policy = pair_logps(model, sets.test, pad_id, batch_size=eval_cfg.batch_size, device=_device(model))
+        policy = pair_logps(model, sets.test, pad_id, batch_size=eval_cfg.batch_size)
     metrics: dict[str, float] = {}
     if sets.test:
         accuracy, margin = preference_accuracy(policy.chosen, policy.rejected, sets.ref_chosen, sets.ref_rejected,

@@ -59,7 +59,6 @@ def pair_logps(
     pad_id: int,
     *,
     batch_size: int,
-    device: torch.device,
 ) -> PairLogps:
     """Summed response log-probs of the chosen and rejected side of every example, one forward per batch."""
     chosen: list[torch.Tensor] = []
@@ -86,7 +85,6 @@ def policy_pair_logps(ctx: EvalContext, task: Task) -> PairLogps:
                 task_examples(ctx, task),
                 ctx.tokenizer.pad_token_id,
                 batch_size=ctx.eval.batch_size,
-                device=ctx.resolved_device(),
             )
     return ctx.policy_cache[task.name]
 
@@ -103,7 +101,6 @@ def reference_pair_logps(ctx: EvalContext, task: Task) -> PairLogps:
                 examples,
                 ctx.tokenizer.pad_token_id,
                 batch_size=ctx.eval.batch_size,
-                device=ctx.resolved_device(),
             )
         ctx.reference_cache[key] = cached
     return cached
