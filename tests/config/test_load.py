@@ -91,6 +91,19 @@ def test_trajectory_hash_ignores_logging_keys_only(tmp_path):
     assert trajectory_hash(base) != trajectory_hash(lr_change)
 
 
+def test_trajectory_hash_ignores_threads_and_covers_one_method_when_given(tmp_path):
+    two = load_config(write(tmp_path, "methods:\n  - {name: a, loss: {name: dpo}}\n  - {name: b, loss: {name: ipo}}\n"))
+    three = load_config(
+        write(tmp_path, "methods:\n  - {name: a, loss: {name: dpo}}\n  - {name: b, loss: {name: ipo}}\n  - {name: c, loss: {name: fpo}}\n")
+    )
+    threads = two.model_copy(update={"train": two.train.model_copy(update={"threads": 1})})
+    assert trajectory_hash(two) == trajectory_hash(threads)
+    assert trajectory_hash(two) != trajectory_hash(three)  # the whole list counts without a method
+    a2, a3 = two.all_methods()[0], three.all_methods()[0]
+    assert trajectory_hash(two, a2) == trajectory_hash(three, a3)  # adding method c keeps a's checkpoints valid
+    assert trajectory_hash(two, a2) != trajectory_hash(two, two.all_methods()[1])
+
+
 def test_every_shipped_config_loads():
     configs = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "src/lifealign/configs").rglob("*.yaml"))
     assert configs, "no shipped configs found"

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lifealign.config.schema import RunConfig
+from lifealign.config.schema import MethodSection, RunConfig
 
 
 class ConfigError(ValueError):
@@ -142,13 +142,23 @@ def dump_config(cfg: RunConfig) -> str:
 TRAJECTORY_KEYS = ("model", "data", "tasks", "method", "methods", "train", "sft", "unlearn")
 """Sections whose change alters the training trajectory; a resume refuses to continue when they differ."""
 
+EXECUTION_ONLY_TRAIN_KEYS = ("save_every", "keep_checkpoints", "log_every", "tensorboard", "progress", "threads")
+"""``train`` keys that change logging or speed, not the trajectory: a run may resume with other values."""
 
-def trajectory_hash(cfg: RunConfig) -> str:
-    """sha256 of the trajectory-affecting part of the config (logging-only keys may change on resume)."""
+
+def trajectory_hash(cfg: RunConfig, method: MethodSection | None = None) -> str:
+    """sha256 of the trajectory-affecting part of the config (logging and execution keys may change on resume).
+
+    With ``method``, the hash covers that one method instead of the whole ``methods`` list, so adding a method to a
+    comparison does not invalidate the finished methods' checkpoints.
+    """
     dumped = cfg.model_dump(mode="json")
     train = dict(dumped["train"])
-    for key in ("save_every", "keep_checkpoints", "log_every", "tensorboard", "progress"):
+    for key in EXECUTION_ONLY_TRAIN_KEYS:
         train.pop(key, None)
     dumped["train"] = train
+    if method is not None:
+        dumped["method"] = method.model_dump(mode="json")
+        dumped["methods"] = []
     payload = json.dumps({k: dumped[k] for k in TRAJECTORY_KEYS}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

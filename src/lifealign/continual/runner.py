@@ -26,7 +26,7 @@ from lifealign.data.records import PreferencePair, Task, TaskStream
 from lifealign.data.tokenize import tokenize_pairs
 from lifealign.evaluation.drift import DriftTracker, measure_drift
 from lifealign.evaluation.matrix import ScoreMatrix
-from lifealign.evaluation.scorers.base import EvalContext
+from lifealign.evaluation.scorers.base import EvalContext, Shard
 from lifealign.losses import bind_losses
 from lifealign.models.lora import load_lora_state, lora_state, save_adapter
 from lifealign.training.checkpoint import Checkpointer, CheckpointError
@@ -147,7 +147,7 @@ class StreamRunner:
         self.state.elapsed += time.monotonic() - self._t0
         self._t0 = time.monotonic()
         state = {
-            "config_hash": trajectory_hash(self.cfg),
+            "config_hash": trajectory_hash(self.cfg, self.method),
             "method": self.method.name,
             "position": self._position,
             "run": self.state.to_json(),
@@ -169,7 +169,7 @@ class StreamRunner:
         if ckpt is None:
             return False
         st = ckpt.state
-        if st.get("config_hash") != trajectory_hash(self.cfg) and not allow_config_change:
+        if st.get("config_hash") != trajectory_hash(self.cfg, self.method) and not allow_config_change:
             raise ResumeError(
                 f"{ckpt.path}: the run's config changed since this checkpoint (a trajectory-affecting key of "
                 "model/data/tasks/method/train/sft/unlearn differs); resume with the same config or pass --allow-config-change"
@@ -221,7 +221,9 @@ class StreamRunner:
         self.save()
         maybe_fault("after_save", phase=key)
 
-    def _train_stage(self, key: str, task: Task, index: int, stage: str, records: list[PreferencePair], ctx: PluginContext) -> None:
+    def _train_stage(
+        self, key: str, task: Task, index: int, stage: str, records: list[PreferencePair], ctx: PluginContext
+    ) -> None:
         cfg = self.cfg
         loss = self.sft_loss if stage == "sft" else self.loss
         for plugin in self.plugins:
@@ -261,6 +263,7 @@ class StreamRunner:
             data=self.cfg.data,
             eval=self.cfg.eval,
             reference_cache=self.reference_cache,
+            shard=Shard(self.acc.process_index, self.acc.num_processes),
         )
         n = len(self.stream)
         tracker = DriftTracker()
