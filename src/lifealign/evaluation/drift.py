@@ -50,22 +50,30 @@ def token_kl(
 
 @torch.no_grad()
 def kl_to_reference(ctx: EvalContext, examples: list[dict[str, Any]]) -> float:
-    """Token-weighted mean ``KL(π‖π_ref)`` over the chosen responses of ``examples``; NaN if there are none."""
-    total, count = 0.0, 0
+    """Token-weighted mean ``KL(π‖π_ref)`` over the chosen responses of ``examples``; NaN if there are none.
+
+    Each rank scores its slice of ``examples`` (``ctx.map_sharded``); the per-example sums are gathered.
+    """
     device = ctx.resolved_device()
-    with eval_mode(ctx.model):
-        for start in range(0, len(examples), ctx.eval.batch_size):
+
+    def per_example(part: list[dict[str, Any]]) -> list[tuple[float, int]]:
+        rows: list[tuple[float, int]] = []
+        for start in range(0, len(part), ctx.eval.batch_size):
             batch = collate_pairs(
-                examples[start : start + ctx.eval.batch_size], ctx.tokenizer.pad_token_id, sides=("chosen",)
+                part[start : start + ctx.eval.batch_size], ctx.tokenizer.pad_token_id, sides=("chosen",)
             )
             inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
             policy_logits = ctx.model(**inputs, use_cache=False).logits
             with ctx.reference_policy():
                 ref_logits = ctx.model(**inputs, use_cache=False).logits
             kl_sum, n_tokens = token_kl(policy_logits, ref_logits, batch["completion_mask"].to(device))
-            total += kl_sum.sum().item()
-            count += int(n_tokens.sum().item())
-    return total / count if count else math.nan
+            rows += zip(kl_sum.tolist(), n_tokens.long().tolist(), strict=True)
+        return rows
+
+    with eval_mode(ctx.model):
+        rows = ctx.map_sharded(examples, per_example)
+    count = sum(n for _, n in rows)
+    return sum(kl for kl, _ in rows) / count if count else math.nan
 
 
 def mean_displacement(now: PairLogps, then: PairLogps) -> tuple[float, float]:

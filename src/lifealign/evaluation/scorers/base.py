@@ -8,17 +8,23 @@ need so it is computed once per pass — the tokenized held-out pairs, the polic
 generations of each task. The reference log-probs live in ``reference_cache``, which the caller may keep across
 passes because the reference (the base model, adapter disabled) never changes; with another reference (e.g. the
 ``previous`` policy) pass a ``reference`` context factory and a distinct ``reference_key``.
+
+Under several processes (``shard`` = this rank and the world size) the per-example work — log-probs, generations,
+reward-model scores — is split into contiguous slices, one per rank, and gathered (:meth:`EvalContext.map_sharded`),
+so every rank ends with the same full results; paid or rate-limited calls (the LLM judge) run on rank 0 only and are
+broadcast (:meth:`EvalContext.on_main`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from lifealign.config.schema import DataSection, EvalSection
 from lifealign.data.records import PreferencePair, Prompt, Task
@@ -31,11 +37,51 @@ __all__ = [
     "Generations",
     "PairLogps",
     "Scorer",
+    "Shard",
+    "ShardError",
     "eval_mode",
     "eval_records",
     "task_examples",
     "task_generations",
 ]
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ShardError(RuntimeError):
+    """A rank failed while computing its slice of an evaluation; raised on every rank so none waits forever."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among ``world_size`` evaluating processes (``rank`` 0 is the main process)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"invalid shard: rank {self.rank} of {self.world_size}")
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """``[start, stop)`` of this rank's contiguous slice of ``n`` items; sizes differ by at most one."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+
+def _all_gather(local: Any, world_size: int) -> list[Any]:
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, local)
+    return out
+
+
+def _raise_if_any_failed(parts: Sequence[tuple[bool, Any]]) -> None:
+    failed = [f"rank {rank}: {value}" for rank, (ok, value) in enumerate(parts) if not ok]
+    if failed:
+        raise ShardError("sharded evaluation failed on " + "; ".join(failed))
 
 
 @dataclass
@@ -84,6 +130,41 @@ class EvalContext:
     def reference_policy(self) -> contextlib.AbstractContextManager:
         """Enter to make ``model`` the reference policy."""
         return self.reference() if self.reference is not None else reference_context(self.model)
+
+    shard: Shard = field(default_factory=Shard)
+    """This process's rank among the evaluating processes; the default is a single process."""
+
+    def map_sharded(self, items: Sequence[T], compute: Callable[[list[T]], Sequence[R]]) -> list[R]:
+        """``compute`` (one output per item) on this rank's slice of ``items``; every rank gets all outputs, in order.
+
+        A single process computes everything. With several, an exception on any rank is re-raised on all of them
+        as :class:`ShardError` (after the gather), instead of leaving the others blocked in a collective.
+        """
+        if self.shard.world_size == 1:
+            return list(compute(list(items)))
+        start, stop = self.shard.bounds(len(items))
+        part = list(items[start:stop])
+        try:
+            local: tuple[bool, Any] = (True, list(compute(part)) if part else [])
+        except Exception as exc:  # reported to every rank below
+            local = (False, f"{type(exc).__name__}: {exc}")
+        parts = _all_gather(local, self.shard.world_size)
+        _raise_if_any_failed(parts)
+        return [out for _, outputs in parts for out in outputs]
+
+    def on_main(self, compute: Callable[[], R]) -> R:
+        """``compute()`` on rank 0 only, its result broadcast to every rank (calls that cost money or quota)."""
+        if self.shard.world_size == 1:
+            return compute()
+        box: list[Any] = [None]
+        if self.shard.rank == 0:
+            try:
+                box[0] = (True, compute())
+            except Exception as exc:  # reported to every rank below
+                box[0] = (False, f"{type(exc).__name__}: {exc}")
+        dist.broadcast_object_list(box, src=0)
+        _raise_if_any_failed([box[0]])
+        return box[0][1]
 
     def new_pass(self) -> None:
         """Forget what depends on the current weights (call after training changed the model)."""
@@ -138,13 +219,16 @@ def task_generations(ctx: EvalContext, task: Task) -> Generations:
     records = eval_records(task, ctx.eval.generation_examples)
     prompt_ids = tokenize_prompts([r.prompt for r in records], ctx.tokenizer, ctx.data)
     with eval_mode(ctx.model):
-        completions = generate_completions(
-            ctx.model,
-            ctx.tokenizer,
+        completions = ctx.map_sharded(
             prompt_ids,
-            max_new_tokens=ctx.eval.max_new_tokens,
-            batch_size=ctx.eval.batch_size,
-            device=ctx.resolved_device(),
+            lambda part: generate_completions(
+                ctx.model,
+                ctx.tokenizer,
+                part,
+                max_new_tokens=ctx.eval.max_new_tokens,
+                batch_size=ctx.eval.batch_size,
+                device=ctx.resolved_device(),
+            ),
         )
     gens = Generations(
         ids=[r.id for r in records],

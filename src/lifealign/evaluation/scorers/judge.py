@@ -56,7 +56,7 @@ class JudgeScorer(Scorer):
         items = judge_items(task.name, task_generations(ctx, task))
         if not items:
             return {self.name: math.nan, "judge/n_scored": 0.0, "judge/n_failed": 0.0}
-        results = self.client(ctx).score_many(items)
+        results = ctx.on_main(lambda: self.client(ctx).score_many(items))  # paid calls: once, on rank 0
         self.last_results[task.name] = results
         if results.n_failed:
             log.warning(

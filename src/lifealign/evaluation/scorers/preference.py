@@ -28,6 +28,7 @@ __all__ = [
     "policy_pair_logps",
     "preference_accuracy",
     "reference_pair_logps",
+    "sharded_pair_logps",
 ]
 
 
@@ -76,16 +77,26 @@ def pair_logps(
     )
 
 
+def sharded_pair_logps(ctx: EvalContext, examples: list[dict[str, Any]]) -> PairLogps:
+    """:func:`pair_logps` of ``ctx.model`` as it is now, each rank on its slice of ``examples``, gathered on all."""
+
+    def rows(part: list[dict[str, Any]]) -> list[tuple[float, float]]:
+        logps = pair_logps(ctx.model, part, ctx.tokenizer.pad_token_id, batch_size=ctx.eval.batch_size)
+        return list(zip(logps.chosen.tolist(), logps.rejected.tolist(), strict=True))
+
+    pairs = ctx.map_sharded(examples, rows)
+    return PairLogps(
+        ids=[str(e["id"]) for e in examples],
+        chosen=torch.tensor([c for c, _ in pairs], dtype=torch.float32),
+        rejected=torch.tensor([r for _, r in pairs], dtype=torch.float32),
+    )
+
+
 def policy_pair_logps(ctx: EvalContext, task: Task) -> PairLogps:
     """The current policy's log-probs on the task's held-out pairs, computed once per evaluation pass."""
     if task.name not in ctx.policy_cache:
         with eval_mode(ctx.model):
-            ctx.policy_cache[task.name] = pair_logps(
-                ctx.model,
-                task_examples(ctx, task),
-                ctx.tokenizer.pad_token_id,
-                batch_size=ctx.eval.batch_size,
-            )
+            ctx.policy_cache[task.name] = sharded_pair_logps(ctx, task_examples(ctx, task))
     return ctx.policy_cache[task.name]
 
 
@@ -96,12 +107,7 @@ def reference_pair_logps(ctx: EvalContext, task: Task) -> PairLogps:
     cached = ctx.reference_cache.get(key)
     if cached is None or cached.ids != [str(e["id"]) for e in examples]:
         with eval_mode(ctx.model), ctx.reference_policy():
-            cached = pair_logps(
-                ctx.model,
-                examples,
-                ctx.tokenizer.pad_token_id,
-                batch_size=ctx.eval.batch_size,
-            )
+            cached = sharded_pair_logps(ctx, examples)
         ctx.reference_cache[key] = cached
     return cached
 

@@ -152,5 +152,10 @@ class RewardModelScorer(Scorer):
             return {self.name: math.nan}
         model, tokenizer = self.model_and_tokenizer(ctx)
         batch_size = self.batch_size or ctx.eval.batch_size
-        rewards = reward_scores(model, tokenizer, gens.prompts, gens.completions, batch_size, self.max_length)
+        rewards = ctx.map_sharded(
+            list(zip(gens.prompts, gens.completions, strict=True)),
+            lambda part: reward_scores(
+                model, tokenizer, [p for p, _ in part], [c for _, c in part], batch_size, self.max_length
+            ),
+        )
         return {self.name: sum(rewards) / len(rewards)}
