@@ -8,13 +8,16 @@ loss, the direction = grad J of the DPO loss on 8 preference pairs. One run prin
     fast / naive: seconds, GFLOP/s, fraction of the fp32 matmul peak (measured here with a large torch.mm)
     speedup_vs_naive: naive seconds / fast seconds
 
-The box this runs on is shared, so the two methods are timed in interleaved groups (each group: one batched fast
-pass, then the same examples one by one, then a few peak matmuls) and timed by the process's CPU time (one thread:
-time spent computing, not time spent waiting for a core); wall-clock totals are printed too. FLOPs are the model's
-matmuls only: forward ``2 P T`` plus the input-gradient backward ``2 P T`` (the base is frozen, so no weight
-gradients), with P the weights of every linear layer incl. the LM head and T the tokens.
+The two methods are timed in interleaved groups (each group: one batched fast pass, then the same examples one by
+one, then a few peak matmuls), so a change in the machine's load hits both alike. The clock is the wall clock on
+an idle machine with all cores (the acceptance setting); on a shared machine use ``--threads 1``, which times by the
+process's CPU time instead (time spent computing, not waiting for a core). FLOPs are the model's matmuls only:
+forward ``2 P T`` plus the input-gradient backward ``2 P T`` (the base is frozen, so no weight gradients), with P
+the weights of every linear layer and T the tokens — the LM head counted on response tokens only, the only
+positions both paths run it on.
 
-    python bench/u2a_scoring.py                      # fp32, the acceptance setting
+    python bench/u2a_scoring.py                      # fp32, all cores, wall clock: the acceptance setting
+    python bench/u2a_scoring.py --threads 1          # a shared machine: one thread, process CPU time
     python bench/u2a_scoring.py --precision bf16     # autocast bf16 for the fast path's forward/backward
 """
 
@@ -33,15 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "preference-tasks" / "safe-rlhf" / "train.json"
 
 
-def matmul_peak(n: int = 2048, repeats: int = 3) -> float:
-    """Best fp32 GFLOP/s (process CPU time) of ``n x n @ n x n`` over ``repeats`` (2 n^3 flops each)."""
+def matmul_peak(clock: Any, n: int = 2048, repeats: int = 3) -> float:
+    """Best fp32 GFLOP/s of ``n x n @ n x n`` over ``repeats`` (2 n^3 flops each), timed with ``clock``."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.process_time()
+        t0 = clock()
         torch.mm(a, b)
-        best = min(best, time.process_time() - t0)
+        best = min(best, clock() - t0)
     return 2 * n**3 / best / 1e9
 
 
@@ -52,9 +55,20 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float, float]:
     return out, time.process_time() - c0, time.perf_counter() - w0
 
 
-def matmul_params(model: torch.nn.Module) -> int:
-    """Weights of every linear layer (LoRA factors included), the LM head counted once."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+    """``(weights of every linear layer but the LM head (LoRA factors included), weights of the LM head)``."""
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return body, head.weight.numel()
+
+
+def scoring_flops(body: int, head: int, examples: list[dict]) -> float:
+    """Matmul FLOPs of one forward + input-gradient backward: ``4 (P_body T + P_head T_response)`` summed."""
+    total = 0
+    for ex in examples:
+        tokens, response = len(ex["prompt_ids"]) + len(ex["rejected_ids"]), len(ex["rejected_ids"])
+        total += 4 * (body * tokens + head * response)
+    return float(total)
 
 
 def build_examples(tokenizer, n: int, tokens: int, prompt_tokens: int) -> tuple[list[dict], list[dict]]:
@@ -94,11 +108,13 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batched forward/backward (fast)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared 2-core box two contended threads are far slower)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default 0: every core, timed by the wall clock; 1: process CPU time)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    by_cpu = torch.get_num_threads() == 1
+    clock = time.process_time if by_cpu else time.perf_counter
 
     from lifealign.config.schema import LoraSection, ModelSection
     from lifealign.config.unlearn import UnlearnSection
@@ -122,8 +138,9 @@ def main() -> int:
     pref_ref = compute_reference_logps(model, preference, pad, ("chosen", "rejected"), ref, 8)
     _, direction = preference_gradient(model, preference, pref_ref, pad_id=pad, beta=0.3)
 
-    flops = 4 * matmul_params(model) * args.examples * args.tokens
-    print(f"threads: {torch.get_num_threads()}  load average: {os.getloadavg()[0]:.1f}")
+    flops = scoring_flops(*matmul_params(model), forget)
+    print(f"threads: {torch.get_num_threads()} ({'process CPU time' if by_cpu else 'wall clock'})  "
+          f"load average: {os.getloadavg()[0]:.1f}")
     print(f"examples: {args.examples} x {args.tokens} tokens, batch {args.batch_size}, precision {args.precision}")
     fast_scores(model, forget[: args.batch_size], direction, loss, pad_id=pad, ref_logps=cand_ref,
                 batch_size=args.batch_size, precision=args.precision)  # warm-up
@@ -140,19 +157,20 @@ def main() -> int:
         scores, c, w = timed(naive_scores, model, group, direction, loss, pad_id=pad, ref_logps=ref_rows)
         naive.append(scores)
         cpu["naive"], wall["naive"] = cpu["naive"] + c, wall["naive"] + w
-        peaks.append(matmul_peak())
+        peaks.append(matmul_peak(clock))
     peak = max(peaks)
     fast_all, naive_all = torch.cat(fast), torch.cat(naive)
     rel = float((fast_all - naive_all).abs().max() / naive_all.abs().max())
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s; model matmul work: {flops / 1e9:.1f} GFLOP per scoring pass")
+    seconds = cpu if by_cpu else wall
     for name in ("fast", "naive"):
-        rate = flops / cpu[name] / 1e9
-        print(f"{name}: {cpu[name]:.2f} s CPU ({wall[name]:.2f} s wall), {rate:.1f} GFLOP/s, "
-              f"{rate / peak:.1%} of the fp32 matmul peak")
-    print(f"wall-clock speedup: {wall['naive'] / wall['fast']:.2f}")
+        rate = flops / seconds[name] / 1e9
+        print(f"{name}: {cpu[name]:.2f} s CPU, {wall[name]:.2f} s wall, {seconds[name] / args.examples:.3f} s per "
+              f"example, {rate:.1f} GFLOP/s, {rate / peak:.1%} of the fp32 matmul peak")
+    print(f"bound (all matmuls at the peak): {flops / peak / 1e9 / args.examples:.3f} s per example")
     print(f"max_rel_diff: {rel:.3e}")
-    print(f"fraction_of_matmul_peak: {flops / cpu['fast'] / 1e9 / peak:.3f}")
-    print(f"speedup_vs_naive: {cpu['naive'] / cpu['fast']:.2f}")
+    print(f"fraction_of_matmul_peak: {flops / seconds['fast'] / 1e9 / peak:.3f}")
+    print(f"speedup_vs_naive: {seconds['naive'] / seconds['fast']:.2f}")
     return 0
 
 
