@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from lifealign.models.lora import lora_parameters, lora_state
 from lifealign.training.plugin import PluginContext
 from lifealign.unlearning.data import ceil_split, split_pool, stream_data
 from lifealign.unlearning.evaluate import mean_token_nll
+from lifealign.unlearning.inner import STAGE_PLUGINS, restore_stage_plugins, stage_plugin_states
 from lifealign.unlearning.plugins import (
     AnchorPlugin,
     ForgetNLLGuard,
@@ -132,3 +135,24 @@ def test_stream_data_uses_the_tasks_own_pairs_and_falls_back_to_earlier_tasks():
     only_negative = [PreferencePair("r", "", "worse", id="b")]
     data = stream_data(Task("neg", only_negative, kind="negative"), only_negative, earlier, section, None)
     assert data.preference == [] and [r.chosen for r in data.retain] == ["kept"]
+
+
+def test_forget_guard_count_survives_a_mid_stage_checkpoint():
+    """A resumed stage keeps the count its checkpoint carried, so it stops where the uninterrupted run stops."""
+    high = {"policy": {"rejected_logps": torch.tensor([-30.0]), "rejected_tokens": torch.tensor([10])}}
+    ctx = _ctx(None)
+    first = ForgetNLLGuard(bound=2.0, patience=3)
+    first.before_stage(ctx)
+    first.extra_loss(ctx, {}, high)
+    first.extra_loss(ctx, {}, high)  # count 2 of 3, then the run is killed after a checkpoint
+    saved = stage_plugin_states([first, AnchorPlugin({}, 0.1)])
+    assert saved == {"forget_guard": {"count": 2}}  # the stateless anchor is left out
+    resumed = ForgetNLLGuard(bound=2.0, patience=3)
+    restore_stage_plugins([resumed], {STAGE_PLUGINS: json.loads(json.dumps(saved))})
+    resumed.before_stage(ctx)
+    with pytest.raises(UnlearnStopped):
+        resumed.extra_loss(ctx, {}, high)  # the third high batch in a row, as without the kill
+    fresh = ForgetNLLGuard(bound=2.0, patience=3)
+    restore_stage_plugins([fresh], None)
+    fresh.before_stage(ctx)
+    assert fresh.extra_loss(ctx, {}, high) is None and fresh.count == 1

@@ -209,14 +209,25 @@ class StreamRunner:
             extras={"loss": self.loss, "accelerator": self.acc},
         )
 
+    def take_loop_resume(self, key: str) -> dict[str, Any] | None:
+        """The restored mid-stage loop state if the checkpoint stopped inside phase ``key`` (handed out once)."""
+        if self._loop_resume is not None and self._loop_resume.get("phase") == key:
+            resume, self._loop_resume = self._loop_resume, None
+            return resume
+        return None
+
+    def mark_position(self, key: str, **where: Any) -> None:
+        """Record where inside phase ``key`` the next checkpoint is taken (``stage_step=…``, ``committed=True``)."""
+        self._position = {"phase": key, **where}
+
     def _phase(self, key: str, fn: Callable[[], None]) -> None:
         """Run a phase unless a checkpoint says it is done; commit a checkpoint after it."""
         if key in self.state.done:
             return
-        self._position = {"phase": key}
+        self.mark_position(key)
         fn()
         self.state.done.append(key)
-        self._position = {"phase": key, "finished": True}
+        self.mark_position(key, finished=True)
         maybe_fault("phase", phase=key)
         self.save()
         maybe_fault("after_save", phase=key)
@@ -236,12 +247,10 @@ class StreamRunner:
         epochs = cfg.sft.epochs if stage == "sft" else cfg.train.epochs
         max_steps = cfg.sft.max_steps if stage == "sft" else cfg.train.max_steps
         plan = StagePlan(index, task, stage, loss, lr, epochs, max_steps, reference_state=self.reference_state)
-        resume = None
-        if self._loop_resume is not None and self._loop_resume.get("phase") == key:
-            resume, self._loop_resume = self._loop_resume, None
+        resume = self.take_loop_resume(key)
 
         def save_checkpoint(loop_state, loop_tensors, optimizer_state):
-            self._position = {"phase": key, "stage_step": loop_state["stage_step"]}
+            self.mark_position(key, stage_step=loop_state["stage_step"])
             self.save(loop_state, loop_tensors, optimizer_state)
 
         self.services.save_checkpoint = save_checkpoint

@@ -72,6 +72,26 @@ def inner_plugins(
     return plugins
 
 
+STAGE_PLUGINS = "stage_plugins"
+"""Key of the stage-only plugins' JSON state (e.g. the stop rule's counter) inside a mid-stage loop checkpoint."""
+
+
+def stage_plugin_states(plugins: Sequence[Plugin]) -> dict[str, dict[str, Any]]:
+    """``{plugin name: state_dict()["meta"]}`` of the stage plugins that carry state; they keep no tensors."""
+    states = {p.name: p.state_dict() for p in plugins}
+    if any(state["tensors"] for state in states.values()):
+        raise ValueError("a stage-only plugin keeps tensor state, which mid-stage checkpoints do not carry")
+    return {name: state["meta"] for name, state in states.items() if state["meta"]}
+
+
+def restore_stage_plugins(plugins: Sequence[Plugin], resume: dict[str, Any] | None) -> None:
+    """Give each stage plugin the state a mid-stage checkpoint saved for it (nothing on a fresh stage)."""
+    saved = (resume or {}).get(STAGE_PLUGINS) or {}
+    for plugin in plugins:
+        if plugin.name in saved:
+            plugin.load_state_dict({"tensors": {}, "meta": saved[plugin.name]})
+
+
 @dataclass
 class InnerSolver:
     """Runs inner solves through ``train_task`` with the run's services (metrics, checkpoints, plugins)."""
@@ -99,10 +119,15 @@ class InnerSolver:
         plan = StagePlan(self.task_index, task, "unlearn", loss, self.lr, epochs=1.0, max_steps=max_steps,
                          example_weights=weights, reference_state=self.reference_state)
         services = self.services
+        restore_stage_plugins(plugins, resume)
+
+        def save_checkpoint(loop_state: dict[str, Any], tensors: dict[str, torch.Tensor], opt: dict[str, Any]) -> None:
+            self.save_checkpoint({**loop_state, STAGE_PLUGINS: stage_plugin_states(plugins)}, tensors, opt)
+
         # The stage's plugins and checkpoint callback are swapped in for this stage only; the services object itself
         # is shared so the global step (and everything else) stays the run's.
         own_plugins, own_save = services.plugins, services.save_checkpoint
-        services.plugins, services.save_checkpoint = [*own_plugins, *plugins], self.save_checkpoint
+        services.plugins, services.save_checkpoint = [*own_plugins, *plugins], save_checkpoint
         try:
             result: StageResult = train_task(self.model, examples, plan, services, self.ctx, resume=resume)
         except UnlearnStopped as stop:

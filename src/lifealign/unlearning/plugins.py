@@ -139,9 +139,19 @@ class ForgetNLLGuard(Plugin):
     def __init__(self, bound: float, patience: int = 4, label: str = ""):
         self.bound, self.patience, self.label = bound, patience, label
         self.count = 0
+        self._restored = False
 
     def before_stage(self, ctx: PluginContext) -> None:
-        self.count = 0
+        if not self._restored:  # a stage resumed mid-way keeps the count its checkpoint carried
+            self.count = 0
+        self._restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensors": {}, "meta": {"count": self.count}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["meta"].get("count", 0))
+        self._restored = True
 
     def extra_loss(self, ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]) -> Tensor | None:
         policy = outputs["policy"]

@@ -72,20 +72,13 @@ def unlearn_stage(runner: Any, task: Task, index: int, ctx: PluginContext) -> No
     anchor_tensors = {ANCHOR_PREFIX + k: v for k, v in anchor.items()}
 
     def save_checkpoint(loop_state: dict[str, Any], loop_tensors: dict[str, torch.Tensor], opt: Any) -> None:
-        runner._position = {"phase": key, "stage_step": loop_state["stage_step"]}
+        runner.mark_position(key, stage_step=loop_state["stage_step"])
         runner.save(loop_state, {**loop_tensors, **anchor_tensors}, opt)
 
     def commit(summary: dict[str, Any]) -> None:
         runner.state.stage_results[key] = summary
-        runner._position = {"phase": key, "committed": True}
+        runner.mark_position(key, committed=True)
         runner.save(None, anchor_tensors, None)
-
-    def take_resume() -> dict[str, Any] | None:
-        resume = runner._loop_resume
-        if resume is not None and resume.get("phase") == key:
-            runner._loop_resume = None
-            return resume
-        return None
 
     solver = InnerSolver(model=runner.model, services=runner.services, ctx=ctx, task_index=index,
                          lr=inner_lr(section, cfg.train), save_checkpoint=save_checkpoint,
@@ -101,7 +94,7 @@ def unlearn_stage(runner: Any, task: Task, index: int, ctx: PluginContext) -> No
     base = {"objective": objective, "examples": len(candidates), "candidates": len(data.candidates)}
     if section.selection == "u2a" and data.preference:
         summary = _run_u2a(runner, model, task, candidates, data.preference, loss, solver, plugins, entry, commit,
-                           take_resume)
+                           lambda: runner.take_loop_resume(key))
     else:
         if section.selection == "u2a":
             logger.warning("task %r: no preference pairs for U2A's objective (set unlearn.preference); unlearning "
@@ -109,7 +102,7 @@ def unlearn_stage(runner: Any, task: Task, index: int, ctx: PluginContext) -> No
         if not entry:
             commit({"mode": "all", "started": True})
         outcome = solver.solve(task, candidates, loss, max_steps=steps_per_solve(section, train, len(candidates)),
-                               plugins=plugins("all"), resume=take_resume())
+                               plugins=plugins("all"), resume=runner.take_loop_resume(key))
         summary = {"mode": "all", "selected": len(candidates), "steps": outcome.steps,
                    "stopped": outcome.stopped is not None, "events": [outcome.stopped] if outcome.stopped else [],
                    **{f"last/{k}": v for k, v in outcome.metrics.items()}}
