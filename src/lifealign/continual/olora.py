@@ -32,6 +32,11 @@ model with the same LoRA modules, so an evaluation resumed before any training h
 
 The model carries the hooks until ``detach()`` is called: a run that trains another method on the same model object
 afterwards must call it (the runner has no end-of-stream hook).
+
+Sharded training: folding and ``merged_deltas`` run inside ``gathered_lora`` (full matrices; rank 0's re-initialised
+adapter is written to every shard, see ``lifealign.models.gather``). The penalty needs the factors outside the
+forward with gradients: under FSDP2 (DTensor) it uses ``full_tensor()``, which is differentiable; under ZeRO-3 and
+FSDP1 there is no differentiable gather, so ``extra_loss`` raises ``ShardingError`` (use FSDP2, DDP or ZeRO-2).
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ from transformers import PreTrainedModel
 
 from lifealign.continual.buffers import check_choice, check_int
 from lifealign.continual.ewc import check_nonneg_float
-from lifealign.models.lora import lora_modules
+from lifealign.models.gather import canonical_name, full_value_for_loss
+from lifealign.models.lora import gathered_lora, lora_modules
 from lifealign.training.plugin import Plugin, PluginContext
 
 __all__ = [
@@ -94,8 +100,9 @@ def fold_factors(
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    """Every peft LoRA layer of ``model`` by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    """Every peft LoRA layer of ``model`` by module name (without FSDP1 / checkpoint wrapper components, as
+    ``lora_modules`` names them)."""
+    return {canonical_name(name): m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def match_module_names(available: dict[str, nn.Module], wanted: list[str]) -> dict[str, nn.Module] | None:
@@ -204,7 +211,8 @@ class OLoRAPlugin(Plugin):
     def extra_loss(self, ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]) -> Tensor | None:
         self._ensure_attached(ctx.model)
         total: Tensor | None = None
-        for key, (a, b) in lora_modules(ctx.model).items():
+        for key, (sharded_a, sharded_b) in lora_modules(ctx.model).items():
+            a, b = full_value_for_loss(sharded_a), full_value_for_loss(sharded_b)
             term = self.lam_l2 * l2_penalty(a.float(), b.float())
             if key in self.old_a:
                 old, _ = self._factors_on(key, a.device, torch.float32)
@@ -219,8 +227,8 @@ class OLoRAPlugin(Plugin):
             return
         if self._is_last_task(ctx):
             return
-        layers = lora_layers(ctx.model)
-        with torch.no_grad():
+        with gathered_lora(ctx.model, modify=True), torch.no_grad():
+            layers = lora_layers(ctx.model)
             for i, (key, (a, b)) in enumerate(sorted(lora_modules(ctx.model).items())):
                 scale = float(layers[key].scaling[_adapter_name(layers[key], a)])
                 self.old_a[key], self.old_b[key] = fold_factors(self.old_a.get(key), self.old_b.get(key), a, b, scale)
@@ -241,14 +249,15 @@ class OLoRAPlugin(Plugin):
     # ----- export, reporting and resume ----------------------------------------------------------------------
     def merged_deltas(self, model: nn.Module) -> dict[str, Tensor]:
         """Module name -> the total dense update ``ΔW_frozen + s·B A`` (d_out, d_in) the evaluated model applies."""
-        layers = lora_layers(model)
         out = {}
-        for key, (a, b) in lora_modules(model).items():
-            scale = float(layers[key].scaling[_adapter_name(layers[key], a)])
-            delta = scale * (b.detach().float().cpu() @ a.detach().float().cpu())
-            if key in self.old_a:
-                delta = delta + self.old_b[key] @ self.old_a[key]
-            out[key] = delta
+        with gathered_lora(model, modify=False):
+            layers = lora_layers(model)
+            for key, (a, b) in lora_modules(model).items():
+                scale = float(layers[key].scaling[_adapter_name(layers[key], a)])
+                delta = scale * (b.detach().float().cpu() @ a.detach().float().cpu())
+                if key in self.old_a:
+                    delta = delta + self.old_b[key] @ self.old_a[key]
+                out[key] = delta
         return out
 
     def memory_report(self) -> dict[str, Any]:

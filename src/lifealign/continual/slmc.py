@@ -30,6 +30,10 @@ Options (``{name: slmc, ...}`` YAML keys):
 
 All linear algebra runs in float32 on the CPU (history and ``W0`` live there); results are cast back to the
 parameter's dtype and device when written.
+
+Sharded training (ZeRO-3, FSDP1, FSDP2): the snapshot and the consolidation run inside ``gathered_lora``, i.e. on
+the full LoRA matrices; every rank computes the consolidation and rank 0's result is written to every shard
+(``lifealign.models.gather``), so the history is the same on every rank.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from torch import Tensor
 
 from lifealign.continual.buffers import check_choice, check_unit_float
 from lifealign.continual.replay import check_stages
-from lifealign.models.lora import lora_modules
+from lifealign.models.lora import gathered_lora, lora_modules
 from lifealign.training.plugin import Plugin, PluginContext
 
 __all__ = [
@@ -207,14 +211,15 @@ class SLMCPlugin(Plugin):
         if self._w0_restored and self._w0_at == at:
             self._w0_restored = False
             return
-        modules = lora_modules(ctx.model)
-        if not modules:
-            raise ValueError("slmc: the model has no LoRA modules (was attach_lora called?)")
-        self._w0 = {}
-        for name, (a, b) in modules.items():
-            self._w0[_key_a(name)] = a.detach().float().cpu().clone()
-            self._w0[_key_b(name)] = b.detach().float().cpu().clone()
-        self._w0_at, self._w0_restored = at, False
+        with gathered_lora(ctx.model, modify=False):
+            modules = lora_modules(ctx.model)
+            if not modules:
+                raise ValueError("slmc: the model has no LoRA modules (was attach_lora called?)")
+            w0 = {}
+            for name, (a, b) in modules.items():
+                w0[_key_a(name)] = a.detach().float().cpu().clone()
+                w0[_key_b(name)] = b.detach().float().cpu().clone()
+        self._w0, self._w0_at, self._w0_restored = w0, at, False
 
     def after_stage(self, ctx: PluginContext) -> None:
         if ctx.stage not in self.stages:
@@ -224,9 +229,9 @@ class SLMCPlugin(Plugin):
                 f"slmc: after_stage for task {ctx.task_index} stage {ctx.stage!r} without its before_stage snapshot "
                 f"(snapshot is for {self._w0_at})"
             )
-        modules = lora_modules(ctx.model)
         consolidate = self._consolidate_product if self.granularity == "product" else self._consolidate_factors
-        with torch.no_grad():
+        with gathered_lora(ctx.model, modify=True), torch.no_grad():
+            modules = lora_modules(ctx.model)
             infos = {name: info for module, params in modules.items() for name, info in consolidate(module, *params)}
         report = self._report(ctx, infos)
         self.reports.append(report)

@@ -7,7 +7,13 @@ disabled (METHODS.md §1.2), so no second copy of the weights is kept.
 
 Tensor names are peft's parameter names (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``):
 they depend only on the architecture and adapter name, so they are stable across processes and usable as
-checkpoint keys.
+checkpoint keys. Under FSDP1 or activation checkpointing, wrapper components (``_fsdp_wrapped_module.``) are
+removed from the names this module returns (:func:`~lifealign.models.gather.canonical_name`), so the keys are the
+same whatever wraps the model.
+
+Sharded training (ZeRO-3, FSDP1, FSDP2): :func:`lora_state` and :func:`load_lora_state` gather the full adapter
+weights themselves (:func:`gathered_lora`); code that reads or edits whole LoRA matrices through
+:func:`lora_modules` must do so inside ``with gathered_lora(model, modify=...)`` and look the modules up inside it.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lifealign.config.schema import LoraSection
+from lifealign.models.gather import canonical_name, gathered_parameters
 
 __all__ = [
     "ADAPTER_WEIGHTS_FILE",
     "LoraStateError",
     "attach_lora",
     "enable_input_grads_if_checkpointing",
+    "gathered_lora",
     "load_adapter",
     "load_lora_state",
     "lora_modules",
@@ -72,43 +80,66 @@ def reference_context(model: PeftModel) -> Iterator[PeftModel]:
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable ``lora_A``/``lora_B`` weight parameters of ``model``, by peft parameter name."""
+    """The trainable ``lora_A``/``lora_B`` weight parameters of ``model``, by peft parameter name.
+
+    Under sharding these are the sharded parameters; read their values inside :func:`gathered_lora`.
+    """
     return {
-        name: param
+        canonical_name(name): param
         for name, param in model.named_parameters()
         if param.requires_grad and _LORA_WEIGHT.search(name) is not None
     }
 
 
+@contextmanager
+def gathered_lora(model: nn.Module, *, modify: bool) -> Iterator[None]:
+    """Every ``lora_A``/``lora_B`` weight of ``model`` (trainable or not) at its full value inside the block; with
+    ``modify=True`` edits are written back to the shards on exit (rank 0's win). A no-op on an unsharded model.
+
+    See :func:`~lifealign.models.gather.gathered_parameters` for the sharding schemes and the rules: every rank
+    enters it, and parameters are looked up again inside the block.
+    """
+    weights = [param for name, param in model.named_parameters() if _LORA_WEIGHT.search(name) is not None]
+    with gathered_parameters(model, weights, modify=modify):
+        yield
+
+
 def lora_state(model: nn.Module) -> dict[str, Tensor]:
-    """Detached clones of the trainable LoRA weights (a snapshot that later training does not change)."""
-    return {name: param.detach().clone() for name, param in lora_parameters(model).items()}
+    """Detached clones of the trainable LoRA weights (a snapshot that later training does not change).
+
+    Full tensors on every rank, also under sharded training (gathered).
+    """
+    with gathered_lora(model, modify=False):
+        return {name: param.detach().clone() for name, param in lora_parameters(model).items()}
 
 
 def load_lora_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Copy ``state`` (from :func:`lora_state`) into the trainable LoRA weights, in place.
+    """Copy ``state`` (from :func:`lora_state`) into the trainable LoRA weights, in place (into every rank's shard
+    under sharded training).
 
     Raises ``LoraStateError`` on any missing or unexpected key or shape mismatch, before changing anything.
     """
-    params = lora_parameters(model)
-    _check_same_keys(set(params), set(state), what="LoRA state")
-    for name, param in params.items():
-        if tuple(state[name].shape) != tuple(param.shape):
-            raise LoraStateError(f"LoRA state {name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
-    with torch.no_grad():
+    with gathered_lora(model, modify=True):
+        params = lora_parameters(model)
+        _check_same_keys(set(params), set(state), what="LoRA state")
         for name, param in params.items():
-            param.copy_(state[name])
+            if tuple(state[name].shape) != tuple(param.shape):
+                raise LoraStateError(f"LoRA state {name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
 
 
 def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
     """Each LoRA'd module name -> its ``(lora_A.weight (r, d_in), lora_B.weight (d_out, r))`` parameters.
 
     The parameters themselves are returned (not copies), so a caller may edit them in place under ``no_grad``.
-    ``adapter_name`` defaults to the model's active adapter.
+    ``adapter_name`` defaults to the model's active adapter. Under sharded training call it inside
+    :func:`gathered_lora` to get full matrices (outside, they are shards or placeholders).
     """
     adapter = adapter_name or _active_adapter(model)
     return {
-        name: (module.lora_A[adapter].weight, module.lora_B[adapter].weight)
+        canonical_name(name): (module.lora_A[adapter].weight, module.lora_B[adapter].weight)
         for name, module in model.named_modules()
         if isinstance(module, LoraLayer) and adapter in module.lora_A
     }
