@@ -1,4 +1,7 @@
-"""Two processes (accelerate + gloo on CPU) give the same stream scores as one process with the same global batch."""
+"""Two processes (accelerate + gloo on CPU) give the same stream scores as one process with the same global batch.
+
+Two methods: LifeAlign (replay + SLMC) and EWC + A-GEM (Fisher and memory gradients computed on every rank).
+"""
 
 import json
 import os
@@ -23,13 +26,23 @@ WEIGHT_TOL = 1e-5  # all-reduce sums gradients in a different order than one pro
 def test_two_process_stream_matches_one_process(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("LIFEALIGN_FAULT", None)
-    method = {
-        "name": "lifealign",
-        "loss": {"name": "fpo"},
-        "plugins": [{"name": "replay", "buffer_size": 100, "fraction": 0.5}, {"name": "slmc"}],
-    }
-    one = tiny_config(tmp_path / "one", n_tasks=2, method=method, train={"batch_size": 4, "max_steps": 3, "adam_eps": 1e-4})
-    two = tiny_config(tmp_path / "two", n_tasks=2, method=method, train={"batch_size": 2, "max_steps": 3, "adam_eps": 1e-4})
+    methods = [
+        {
+            "name": "lifealign",
+            "loss": {"name": "fpo"},
+            "plugins": [{"name": "replay", "buffer_size": 100, "fraction": 0.5}, {"name": "slmc"}],
+        },
+        {  # the Fisher and the memory gradients are computed on every rank from the same data: identical
+            "name": "ewc-agem",
+            "loss": {"name": "dpo"},
+            "plugins": [
+                {"name": "ewc", "lam": 100.0, "n_samples": 4},
+                {"name": "agem", "memory_per_task": 4, "sample_size": 4},
+            ],
+        },
+    ]
+    one = tiny_config(tmp_path / "one", n_tasks=2, methods=methods, train={"batch_size": 4, "max_steps": 3, "adam_eps": 1e-4})
+    two = tiny_config(tmp_path / "two", n_tasks=2, methods=methods, train={"batch_size": 2, "max_steps": 3, "adam_eps": 1e-4})
     paths = {}
     for name, cfg in (("one", one), ("two", two)):
         paths[name] = tmp_path / f"{name}.yaml"
@@ -46,17 +59,18 @@ def test_two_process_stream_matches_one_process(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert multi.returncode == 0, multi.stderr[-3000:]
-    scores1 = json.loads((tmp_path / "r1" / "scores.json").read_text())["lifealign"]
-    scores2 = json.loads((tmp_path / "r2" / "scores.json").read_text())["lifealign"]
-    assert scores1["pref_acc"]["matrix"] == scores2["pref_acc"]["matrix"]
-    for row1, row2 in zip(scores1["margin"]["matrix"], scores2["margin"]["matrix"]):
-        for a, b in zip(row1, row2):
-            assert (a is None and b is None) or abs(a - b) <= MARGIN_TOL
-    a1 = load_file(str(tmp_path / "r1" / "adapter" / "adapter_model.safetensors"))
-    a2 = load_file(str(tmp_path / "r2" / "adapter" / "adapter_model.safetensors"))
-    for k in a1:
-        assert (a1[k] - a2[k]).abs().max() <= WEIGHT_TOL, k
-    # only rank 0 wrote checkpoints and metrics: one line per step, no duplicates
-    steps = [json.loads(x) for x in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
-    keys = [(r["task"], r["step"]) for r in steps if r["event"] == "step"]
-    assert len(keys) == len(set(keys)) == 6
+    for name in ("lifealign", "ewc-agem"):
+        scores1 = json.loads((tmp_path / "r1" / "scores.json").read_text())[name]
+        scores2 = json.loads((tmp_path / "r2" / "scores.json").read_text())[name]
+        assert scores1["pref_acc"]["matrix"] == scores2["pref_acc"]["matrix"], name
+        for row1, row2 in zip(scores1["margin"]["matrix"], scores2["margin"]["matrix"]):
+            for a, b in zip(row1, row2):
+                assert (a is None and b is None) or abs(a - b) <= MARGIN_TOL, name
+        a1 = load_file(str(tmp_path / "r1" / name / "adapter" / "adapter_model.safetensors"))
+        a2 = load_file(str(tmp_path / "r2" / name / "adapter" / "adapter_model.safetensors"))
+        for k in a1:
+            assert (a1[k] - a2[k]).abs().max() <= WEIGHT_TOL, (name, k)
+        # only rank 0 wrote checkpoints and metrics: one line per step, no duplicates
+        steps = [json.loads(x) for x in (tmp_path / "r2" / name / "metrics.jsonl").read_text().splitlines()]
+        keys = [(r["task"], r["step"]) for r in steps if r["event"] == "step"]
+        assert len(keys) == len(set(keys)) == 6, name
