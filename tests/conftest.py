@@ -24,6 +24,16 @@ def _seeded_fp32_torch():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Run the test on one torch thread: tiny-model forwards take milliseconds on one thread but many times longer
+    with two threads contending on the 2-core CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_model_and_tokenizer():
     """A fresh tiny random Llama model (seed 0, fp32, eval mode) and its byte-level ChatML tokenizer."""
     from lifealign.models.tiny import tiny_model_and_tokenizer as build

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lifealign.config import RunConfig, config_from_dict
 
 
@@ -28,3 +30,14 @@ def tiny_config(tmp_path, n_tasks: int = 2, **sections: Any) -> RunConfig:
         else:
             data[key] = value
     return config_from_dict(data)
+
+
+def perturb_lora_b(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -> None:
+    """Give every ``lora_B`` N(0, std²) values (peft starts it at 0, which makes the adapter a no-op)."""
+    from lifealign.models.lora import lora_parameters
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in lora_parameters(model).items():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)

@@ -15,7 +15,7 @@ from lifealign.losses import bind_losses
 from lifealign.models.lora import lora_parameters, lora_state
 from lifealign.training.forward import batch_logps
 from lifealign.training.plugin import PluginContext
-from tests.helpers import tiny_config
+from tests.helpers import perturb_lora_b, tiny_config
 
 PAIRS = [
     PreferencePair(prompt=f"{a}+{b}=", chosen=str(a + b), rejected=str(a + b + 1), id=f"p{a}{b}")
@@ -75,13 +75,6 @@ def test_bad_kwargs_name_the_key(kwargs, key):
 
 
 # ----- the plugin on the tiny model ------------------------------------------------------------------------------
-def _perturb_b(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora_parameters(model).items():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-
 
 def _dpo_losses_oracle(model, tokenizer, cfg, pairs, beta=0.1):
     """Per-pair DPO losses from scratch: summed response log-probs, base reference with the adapter disabled."""
@@ -99,7 +92,7 @@ def _dpo_losses_oracle(model, tokenizer, cfg, pairs, beta=0.1):
 
 def test_fisher_matches_per_example_squared_gradients(tiny_lora_model, tmp_path):
     model, tokenizer = tiny_lora_model
-    _perturb_b(model)
+    perturb_lora_b(model)
     ctx = _ctx(model, tokenizer, tmp_path)
     plugin = EWCPlugin(n_samples=len(PAIRS), batch_size=1)
     fisher = plugin.task_fisher(ctx, PAIRS, ctx.extras["loss"])
@@ -120,7 +113,7 @@ def test_fisher_matches_per_example_squared_gradients(tiny_lora_model, tmp_path)
 
 def test_penalty_after_a_task_is_zero_at_the_anchor_and_quadratic_away_from_it(tiny_lora_model, tmp_path):
     model, tokenizer = tiny_lora_model
-    _perturb_b(model)
+    perturb_lora_b(model)
     ctx = _ctx(model, tokenizer, tmp_path)
     plugin = EWCPlugin(lam=2.0, n_samples=4)
     assert plugin.extra_loss(ctx, {}, {}) is None  # no Fisher during the first task
@@ -141,11 +134,11 @@ def test_penalty_after_a_task_is_zero_at_the_anchor_and_quadratic_away_from_it(t
 
 def test_second_task_sums_fishers_and_moves_the_anchor(tiny_lora_model, tmp_path):
     model, tokenizer = tiny_lora_model
-    _perturb_b(model)
+    perturb_lora_b(model)
     plugin = EWCPlugin(n_samples=3, accumulate="sum")
     plugin.after_task(_ctx(model, tokenizer, tmp_path, task_index=0))
     first = {k: v.clone() for k, v in plugin.fisher.items()}
-    _perturb_b(model, seed=2)
+    perturb_lora_b(model, seed=2)
     ctx1 = _ctx(model, tokenizer, tmp_path, task_index=1)
     plugin.after_task(ctx1)
     second = plugin.task_fisher(ctx1, plugin_records(plugin, ctx1), ctx1.extras["loss"])
@@ -164,11 +157,11 @@ def plugin_records(plugin, ctx):
 
 def test_state_round_trip_restores_the_same_penalty(tiny_lora_model, tmp_path):
     model, tokenizer = tiny_lora_model
-    _perturb_b(model)
+    perturb_lora_b(model)
     ctx = _ctx(model, tokenizer, tmp_path)
     plugin = EWCPlugin(lam=5.0, n_samples=3, accumulate="mean")
     plugin.after_task(ctx)
-    _perturb_b(model, seed=3)
+    perturb_lora_b(model, seed=3)
     state = plugin.state_dict()
     json.dumps(state["meta"])
     restored = EWCPlugin(lam=5.0, n_samples=3, accumulate="mean")

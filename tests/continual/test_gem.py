@@ -18,8 +18,7 @@ from lifealign.continual.gem import (
 )
 from lifealign.data.records import PreferencePair, Task
 from lifealign.losses import bind_losses
-from lifealign.models.lora import lora_parameters
-from tests.helpers import tiny_config
+from tests.helpers import perturb_lora_b, tiny_config
 
 PAIRS = [
     PreferencePair(prompt=f"{a}*{b}=", chosen=str(a * b), rejected=str(a * b + 2), id=f"m{a}{b}")
@@ -126,13 +125,6 @@ def test_bad_kwargs_name_the_key(cls, kwargs, key):
 
 
 # ----- the plugins on the tiny model -----------------------------------------------------------------------------
-def _perturb_b(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora_parameters(model).items():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-
 
 def _memory_gradient(plugin, ctx):
     params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -146,7 +138,7 @@ def _memory_gradient(plugin, ctx):
 @pytest.mark.parametrize("cls", [GEMPlugin, AGEMPlugin])
 def test_opposite_gradient_is_projected_to_zero_and_restored_otherwise(tiny_lora_model, tmp_path, cls):
     model, tokenizer = tiny_lora_model
-    _perturb_b(model)
+    perturb_lora_b(model)
     ctx = _ctx(model, tokenizer, tmp_path)
     plugin = cls(memory_per_task=3, memory_batch_size=2) if cls is AGEMPlugin else cls(memory_per_task=3, margin=0.1)
     if cls is AGEMPlugin:
@@ -168,7 +160,7 @@ def test_opposite_gradient_is_projected_to_zero_and_restored_otherwise(tiny_lora
 
 def test_gem_memory_gradient_is_the_mean_loss_gradient_whatever_the_batch_size(tiny_lora_model, tmp_path):
     model, tokenizer = tiny_lora_model
-    _perturb_b(model)
+    perturb_lora_b(model)
     ctx = _ctx(model, tokenizer, tmp_path)
     one, four = GEMPlugin(memory_per_task=4, memory_batch_size=1), GEMPlugin(memory_per_task=4, memory_batch_size=4)
     one.after_task(ctx)

@@ -20,6 +20,8 @@ from lifealign.evaluation.scorers.generation import Bleu4, RougeL, mean_rouge_l,
 from lifealign.evaluation.scorers.preference import PreferenceAccuracy, preference_accuracy
 from lifealign.models.lora import reference_context
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PAIRS = [
     PreferencePair("What is 2+2?", "4", "5", id="p0"),
     PreferencePair("Name a colour.", "Blue.", "A number.", id="p1"),
@@ -30,13 +32,6 @@ PAIRS = [
 TASK = Task(name="toy", train=[], test=PAIRS)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny-model forwards take milliseconds on one thread but ~0.5 s with two threads on a contended 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_ctx(model: torch.nn.Module, tokenizer, **eval_kwargs) -> EvalContext:

@@ -21,6 +21,7 @@ from lifealign.models.lora import (
     save_adapter,
 )
 from lifealign.models.tiny import tiny_model_and_tokenizer
+from tests.helpers import perturb_lora_b
 
 IDS = torch.tensor(
     [[258, 117, 115, 101, 114, 10, 104, 105, 259, 10], [104, 101, 108, 108, 111, 32, 119, 111, 114, 100]]
@@ -32,14 +33,6 @@ def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=IDS).logits
 
-
-def _perturb_lora_b(model, seed: int = 1) -> None:
-    """Give every lora_B non-zero values (peft starts it at 0, which makes the adapter a no-op)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in lora_parameters(model).items():
-            if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
 
 
 def test_attach_lora_trains_only_lora_weights(tiny_lora_model):
@@ -75,7 +68,7 @@ def test_reference_context_reproduces_base_logits(tiny_model_and_tokenizer):
     model, _ = tiny_model_and_tokenizer
     base = _logits(model)
     peft_model = attach_lora(model, LoraSection())
-    _perturb_lora_b(peft_model)
+    perturb_lora_b(peft_model, std=0.5)
     adapted = _logits(peft_model)
     assert (adapted - base).abs().max() > 1e-3
     with reference_context(peft_model) as ref:
@@ -86,12 +79,12 @@ def test_reference_context_reproduces_base_logits(tiny_model_and_tokenizer):
 
 def test_lora_state_is_a_detached_snapshot_and_round_trips(tiny_lora_model):
     model, _ = tiny_lora_model
-    _perturb_lora_b(model, seed=1)
+    perturb_lora_b(model, seed=1, std=0.5)
     snapshot = lora_state(model)
     before = _logits(model)
     assert len(snapshot) == 8 and Q_A in snapshot
     assert all(not t.requires_grad for t in snapshot.values())
-    _perturb_lora_b(model, seed=2)
+    perturb_lora_b(model, seed=2, std=0.5)
     assert not torch.equal(_logits(model), before)
     assert not torch.equal(
         snapshot[Q_A.replace("lora_A", "lora_B")], lora_parameters(model)[Q_A.replace("lora_A", "lora_B")]
@@ -104,7 +97,7 @@ def test_lora_state_names_are_stable_across_builds():
     """Two independent builds (as in two processes) give the same keys, so a state from one loads into the other."""
     a = attach_lora(tiny_model_and_tokenizer(seed=0)[0], LoraSection())
     b = attach_lora(tiny_model_and_tokenizer(seed=0)[0], LoraSection())
-    _perturb_lora_b(a)
+    perturb_lora_b(a, std=0.5)
     load_lora_state(b, lora_state(a))
     assert torch.equal(_logits(a), _logits(b))
 
@@ -142,7 +135,7 @@ def test_lora_modules_maps_each_module_to_its_live_a_b(tiny_lora_model):
 
 def test_save_and_load_adapter_gives_identical_logits(tiny_lora_model, tmp_path):
     model, _ = tiny_lora_model
-    _perturb_lora_b(model)
+    perturb_lora_b(model, std=0.5)
     expected = _logits(model)
     path = save_adapter(model, tmp_path / "adapter")
     assert (path / ADAPTER_WEIGHTS_FILE).is_file() and (path / "adapter_config.json").is_file()
@@ -182,7 +175,7 @@ def test_input_grads_for_reentrant_checkpointing(tiny_lora_model):
     base = model.get_base_model()
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     base.disable_input_require_grads()  # as if checkpointing had been switched on without the hook
-    _perturb_lora_b(model)
+    perturb_lora_b(model, std=0.5)
     with pytest.raises(RuntimeError, match="does not require grad"):
         _lora_a_grads_after_backward(model)
     assert enable_input_grads_if_checkpointing(model) is True

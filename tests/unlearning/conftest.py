@@ -12,15 +12,13 @@ from lifealign.data.tokenize import tokenize_pairs
 from lifealign.models.lora import attach_lora, lora_parameters
 from lifealign.models.tiny import tiny_model_and_tokenizer
 
-DATA = DataSection(max_length=96, max_prompt_length=48)
-
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every U2A test on one torch thread (see ``one_torch_thread``)."""
+
+
+DATA = DataSection(max_length=96, max_prompt_length=48)
 
 
 def perturbed_tiny_lora(seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.05):
