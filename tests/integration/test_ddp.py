@@ -74,3 +74,12 @@ def test_two_process_stream_matches_one_process(tmp_path):
         steps = [json.loads(x) for x in (tmp_path / "r2" / name / "metrics.jsonl").read_text().splitlines()]
         keys = [(r["task"], r["step"]) for r in steps if r["event"] == "step"]
         assert len(keys) == len(set(keys)) == 6, name
+
+
+def test_lora_under_ddp_does_not_search_for_unused_parameters(tmp_path):
+    """Every LoRA weight gets a gradient each step, so DDP's unused-parameter search (trl turns it on with gradient
+    checkpointing) would only cost a graph traversal per step and break with reentrant checkpointing."""
+    from lifealign.pipeline import make_accelerator
+
+    accelerator = make_accelerator(tiny_config(tmp_path))
+    assert accelerator.ddp_handler is not None and accelerator.ddp_handler.find_unused_parameters is False
