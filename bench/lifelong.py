@@ -39,6 +39,9 @@ def main() -> int:
     )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args()
+    if args.methods:  # `--methods a b key=value`: nargs="*" also swallows the overrides that follow it
+        args.overrides += [m for m in args.methods if "=" in m]
+        args.methods = [m for m in args.methods if "=" not in m]
 
     os.chdir(REPO)  # the shipped configs use data paths relative to the repo root
     overrides = list(args.overrides)
