@@ -83,3 +83,41 @@ def test_lora_under_ddp_does_not_search_for_unused_parameters(tmp_path):
 
     accelerator = make_accelerator(tiny_config(tmp_path))
     assert accelerator.ddp_handler is not None and accelerator.ddp_handler.find_unused_parameters is False
+
+
+@pytest.mark.slow
+def test_two_process_stream_with_a_negative_task_matches_one_process(tmp_path):
+    """U2A inside a stream: impact scores, the selected subset and its weights are the same on two ranks as on one."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("LIFEALIGN_FAULT", None)
+    tasks = [
+        {"name": "arithmetic", "train": "synthetic:arithmetic", "max_train": 8, "max_test": 4},
+        {"name": "safety", "train": "synthetic:safety", "kind": "negative", "max_train": 12, "max_test": 4},
+    ]
+    unlearn = {"objective": "npo", "k": 3, "rounds": 2, "inner_max_steps": 2, "reg_weight": 0.1}
+    paths = {}
+    for name, batch in (("one", 4), ("two", 2)):
+        cfg = tiny_config(tmp_path / name, tasks=tasks, unlearn=unlearn,
+                          train={"batch_size": batch, "max_steps": 2, "adam_eps": 1e-4})
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run = [sys.executable, "-m", "lifealign", "run"]
+    single = subprocess.run([*run, str(paths["one"]), "--out", str(tmp_path / "r1"), "--no-report"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    multi = subprocess.run([*launcher, "-m", "lifealign", "run", str(paths["two"]), "--out", str(tmp_path / "r2"),
+                            "--no-report"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    stages = [json.loads((tmp_path / r / "run_info.json").read_text())["stages"]["t1:unlearn"] for r in ("r1", "r2")]
+    progress = [s["progress"] for s in stages]
+    assert progress[0]["selected"] == progress[1]["selected"] and len(progress[0]["selected"]) == 3
+    for key in ("scores", "weights"):
+        for a, b in zip(progress[0][key], progress[1][key], strict=True):
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), key
+    scores = [json.loads((tmp_path / r / "scores.json").read_text())["seqft"] for r in ("r1", "r2")]
+    assert scores[0]["pref_acc"]["matrix"] == scores[1]["pref_acc"]["matrix"]
+    for row1, row2 in zip(scores[0]["margin"]["matrix"], scores[1]["margin"]["matrix"]):
+        for a, b in zip(row1, row2):
+            assert (a is None and b is None) or abs(a - b) <= MARGIN_TOL
