@@ -9,6 +9,7 @@ from lifealign.models.lora import lora_state
 from lifealign.pipeline import load_base_with_adapter, run_experiment
 from lifealign.training.loop import NonFiniteLossError, micro_batch_indices, total_steps
 from lifealign.training.metrics import read_metrics
+from lifealign.training.plugin import Plugin
 from tests.helpers import tiny_config
 
 
@@ -166,3 +167,101 @@ def test_previous_reference_without_cache_matches_cached(tmp_path):
     for row1, row2 in zip(s1["seqft"]["margin"]["matrix"], s2["seqft"]["margin"]["matrix"]):
         for a, b in zip(row1, row2):
             assert (a != a and b != b) or abs(a - b) < 1e-5
+
+
+class _StopAtStep(Plugin):
+    """Asks to stop at the first micro-batch of optimizer step ``at`` (0-based); records that ``after_stage`` ran."""
+
+    name = "stop_at"
+
+    def __init__(self, at: int | None):
+        self.at, self.seen_steps, self.stage_ended, self.snapshot = at, 0, False, None
+
+    def stop_request(self, ctx, batch, outputs):
+        if self.at is not None and self.seen_steps == self.at:
+            return {"event": "test_stop", "at": self.at}
+        return None
+
+    def after_backward(self, ctx):
+        if self.seen_steps == 2:  # before the third update: the weights after two steps
+            self.snapshot = lora_state(ctx.model)
+        self.seen_steps += 1
+
+    def after_stage(self, ctx):
+        self.stage_ended = True
+
+
+def _run_stage(tmp_path, plugin, max_steps=4):
+    from lifealign.data.tokenize import tokenize_pairs
+    from lifealign.losses import bind_losses
+    from lifealign.pipeline import load_stream, make_accelerator
+    from lifealign.training.loop import LoopServices, StagePlan, train_task
+    from lifealign.training.plugin import PluginContext
+
+    cfg = tiny_config(tmp_path, n_tasks=1)
+    torch.manual_seed(0)
+    model, tokenizer = load_base_with_adapter(cfg)
+    task = load_stream(cfg.tasks, cfg.data, seed=0)[0]
+    examples = tokenize_pairs(task.train, tokenizer, cfg.data).examples
+    loss = bind_losses(cfg.method.loss)
+    records = []
+    services = LoopServices(make_accelerator(cfg), tokenizer, cfg.train, [plugin], records.append,
+                            lambda *args: None, method_name="m")
+    ctx = PluginContext(model=model, tokenizer=tokenizer, task=task, task_index=0)
+    plan = StagePlan(0, task, "pref", loss, lr=1e-2, epochs=1.0, max_steps=max_steps)
+    return train_task(model, examples, plan, services, ctx), lora_state(model), records
+
+
+def test_a_stop_request_ends_the_stage_before_that_steps_update(tmp_path):
+    full = _StopAtStep(at=None)
+    _, _, _ = _run_stage(tmp_path / "full", full)
+    stopper = _StopAtStep(at=2)
+    result, weights, records = _run_stage(tmp_path / "stop", stopper)
+    assert result.stopped == {"event": "test_stop", "at": 2} and result.steps == 2
+    assert stopper.stage_ended  # after_stage still runs
+    assert [r["step"] for r in records if r["event"] == "step"] == [1, 2]
+    for name, value in weights.items():  # exactly the weights after two steps: nothing of step 3 was applied
+        assert torch.equal(value, full.snapshot[name]), name
+
+
+class _AskOnRank(Plugin):
+    name = "ask_on_rank"
+
+    def __init__(self, rank: int, asking_rank: int):
+        self.rank, self.asking_rank = rank, asking_rank
+
+    def stop_request(self, ctx, batch, outputs):
+        return {"event": "stop", "from": self.rank} if self.rank == self.asking_rank else None
+
+
+def _stop_worker(rank: int, world: int, port: int, results) -> None:
+    import types
+
+    import torch.distributed as dist
+
+    from lifealign.training.loop import _stop_event
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        acc = types.SimpleNamespace(num_processes=world)
+        quiet = _stop_event(acc, [_AskOnRank(rank, asking_rank=-1)], None, {}, {})
+        asked = _stop_event(acc, [_AskOnRank(rank, asking_rank=1)], None, {}, {})
+        results[rank] = (quiet, asked)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stop_asked_on_one_rank_stops_every_rank():
+    """Otherwise the other rank would enter a backward whose gradient all-reduce never completes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_stop_worker, args=(2, port, results), nprocs=2, join=True)
+        out = dict(results)
+    assert out[0] == out[1] == (None, {"event": "stop", "from": 1})

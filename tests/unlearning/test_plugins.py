@@ -19,7 +19,6 @@ from lifealign.unlearning.plugins import (
     AnchorPlugin,
     ForgetNLLGuard,
     RetainPlugin,
-    UnlearnStopped,
     optimizer_steps_taken,
     retain_kl,
 )
@@ -88,17 +87,15 @@ def test_retain_batches_are_a_function_of_the_optimizer_step(lora_factory, token
     assert sorted(first[0] + first[1] + second) == list(range(6))
 
 
-def test_forget_guard_raises_a_structured_event_after_patience():
+def test_forget_guard_asks_to_stop_with_a_structured_event_after_patience():
     guard = ForgetNLLGuard(bound=2.0, patience=2, label="solve0")
     high = {"policy": {"rejected_logps": torch.tensor([-30.0]), "rejected_tokens": torch.tensor([10])}}
     low = {"policy": {"rejected_logps": torch.tensor([-10.0]), "rejected_tokens": torch.tensor([10])}}
     ctx = _ctx(None)
-    assert guard.extra_loss(ctx, {}, high) is None  # 3.0 > 2.0, count 1
-    assert guard.extra_loss(ctx, {}, low) is None  # 1.0: the count resets
-    assert guard.extra_loss(ctx, {}, high) is None
-    with pytest.raises(UnlearnStopped) as info:
-        guard.extra_loss(ctx, {}, high)
-    event = info.value.event
+    assert guard.stop_request(ctx, {}, high) is None  # 3.0 > 2.0, count 1
+    assert guard.stop_request(ctx, {}, low) is None  # 1.0: the count resets
+    assert guard.stop_request(ctx, {}, high) is None
+    event = guard.stop_request(ctx, {}, high)
     assert event["event"] == "unlearn_stopped" and event["reason"] == "forget_nll_above_bound"
     assert event["forget_nll"] == pytest.approx(3.0) and event["bound"] == 2.0 and event["where"] == "solve0"
 
@@ -143,16 +140,15 @@ def test_forget_guard_count_survives_a_mid_stage_checkpoint():
     ctx = _ctx(None)
     first = ForgetNLLGuard(bound=2.0, patience=3)
     first.before_stage(ctx)
-    first.extra_loss(ctx, {}, high)
-    first.extra_loss(ctx, {}, high)  # count 2 of 3, then the run is killed after a checkpoint
+    first.stop_request(ctx, {}, high)
+    first.stop_request(ctx, {}, high)  # count 2 of 3, then the run is killed after a checkpoint
     saved = stage_plugin_states([first, AnchorPlugin({}, 0.1)])
     assert saved == {"forget_guard": {"count": 2}}  # the stateless anchor is left out
     resumed = ForgetNLLGuard(bound=2.0, patience=3)
     restore_stage_plugins([resumed], {STAGE_PLUGINS: json.loads(json.dumps(saved))})
     resumed.before_stage(ctx)
-    with pytest.raises(UnlearnStopped):
-        resumed.extra_loss(ctx, {}, high)  # the third high batch in a row, as without the kill
+    assert resumed.stop_request(ctx, {}, high) is not None  # the third high batch in a row, as without the kill
     fresh = ForgetNLLGuard(bound=2.0, patience=3)
     restore_stage_plugins([fresh], None)
     fresh.before_stage(ctx)
-    assert fresh.extra_loss(ctx, {}, high) is None and fresh.count == 1
+    assert fresh.stop_request(ctx, {}, high) is None and fresh.count == 1

@@ -56,8 +56,11 @@ class StagePlan:
 @dataclass
 class StageResult:
     steps: int
+    """Optimizer steps the stage ran: the planned number, or fewer when a plugin stopped it."""
     nonfinite_skipped: int
     last_metrics: dict[str, float] = field(default_factory=dict)
+    stopped: dict[str, Any] | None = None
+    """The event of the plugin that ended the stage early (``Plugin.stop_request``), else None."""
 
 
 @dataclass
@@ -100,6 +103,28 @@ def micro_batch_indices(
 
 def stage_seed(base_seed: int, task_index: int, stage: str) -> int:
     return base_seed * 1000 + task_index * 10 + STAGE_SALT.get(stage, 0)
+
+
+def _stoppers(plugins: list[Plugin]) -> list[Plugin]:
+    """The plugins that implement ``stop_request`` (none in most runs: then no per-micro-batch check at all)."""
+    return [p for p in plugins if getattr(type(p), "stop_request", Plugin.stop_request) is not Plugin.stop_request]
+
+
+def _stop_event(
+    acc: Any, stoppers: list[Plugin], ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The first stop request of this micro-batch, agreed across ranks: every rank stops when any rank asks, so no
+    rank enters a backward whose gradient all-reduce the others skip (the lowest asking rank's event wins)."""
+    event = None
+    for plugin in stoppers:
+        event = plugin.stop_request(ctx, batch, outputs)
+        if event is not None:
+            break
+    if acc.num_processes == 1:
+        return event
+    events: list[Any] = [None] * acc.num_processes
+    torch.distributed.all_gather_object(events, event)
+    return next((e for e in events if e is not None), None)
 
 
 class _Means:
@@ -194,6 +219,8 @@ def train_task(
         tensors = {"ref_logps": ref_logps} if ref_logps is not None else {}
         services.save_checkpoint(state, tensors, optimizer.state_dict())
 
+    stoppers = _stoppers(services.plugins)
+    stop_event: dict[str, Any] | None = None
     model.train()
     bar = tqdm(
         range(start_step, steps),
@@ -233,6 +260,11 @@ def train_task(
                     if term is not None:
                         total = total + term
                         parts[f"loss/{plugin.name}"] = term
+                if stoppers:
+                    outputs = {"policy": policy, "inputs": inputs, "loss": total}
+                    stop_event = _stop_event(acc, stoppers, ctx, batch, outputs)
+                    if stop_event is not None:
+                        break
                 if maybe_fault("loss", task=plan.task_index, stage=plan.stage, step=step):
                     total = total * float("nan")
                 means.add("loss", total)
@@ -243,6 +275,12 @@ def train_task(
             for key, value in parts.items():
                 means.add(key if key.startswith("loss/") else f"loss/{key}", value)
             _record_pair_metrics(means, primary, policy)
+        if stop_event is not None:
+            optimizer.zero_grad(set_to_none=True)  # the micro-batches already backpropagated are not applied
+            bar.close()
+            for plugin in services.plugins:
+                plugin.after_stage(ctx)
+            return StageResult(steps=step, nonfinite_skipped=skipped, last_metrics=metrics, stopped=stop_event)
         finite = _all_ranks_true(acc, finite)
         grad_norm = torch.tensor(float("nan"))
         if finite:

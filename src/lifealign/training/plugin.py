@@ -7,10 +7,13 @@ Hooks, in the order the stream runner and ``train_task`` call them for each task
 3. ``before_stage(ctx)``                     ``train_task``, after the optimizer is built (``ctx.stage`` is ``sft``/``pref``)
 4. ``extra_loss(ctx, batch, out) -> Tensor | None``  every micro-batch; the returned term is added and logged
    as ``loss/<plugin name>``
-5. ``after_backward(ctx)``                   every optimizer step, after gradients are accumulated and before
+5. ``stop_request(ctx, batch, out) -> event | None``  every micro-batch, before its backward; an event ends the
+   stage there without that step's update, on every rank (U2A's forget-NLL stop rule)
+6. ``after_backward(ctx)``                   every optimizer step, after gradients are accumulated and before
    clipping (gradient edits: GEM/A-GEM projection)
-6. ``after_stage(ctx)``                      ``train_task``, after the last step of the stage (SLMC consolidation)
-7. ``after_task(ctx)``                       the runner, after the last stage of the task (buffer update, Fisher)
+7. ``after_stage(ctx)``                      ``train_task``, after the last step of the stage, or the stopping one
+   (SLMC consolidation)
+8. ``after_task(ctx)``                       the runner, after the last stage of the task (buffer update, Fisher)
 
 ``state_dict``/``load_state_dict`` make a plugin resumable: tensors go to safetensors, the rest to JSON.
 Every hook is a no-op by default; a method overrides only what it needs.
@@ -58,6 +61,11 @@ class Plugin:
         pass
 
     def extra_loss(self, ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]) -> torch.Tensor | None:
+        return None
+
+    def stop_request(self, ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any] | None:
+        """Asked for every micro-batch after its loss, before its backward: a returned event (JSON-able) ends the
+        stage there, with no update for that step, on every rank; ``StageResult.stopped`` carries the event."""
         return None
 
     def after_backward(self, ctx: PluginContext) -> None:

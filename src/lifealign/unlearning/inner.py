@@ -3,9 +3,9 @@
 ``minimise  mean_b (w_b * l_u(x_b)) + [c * retain term] + lambda_reg * mean_p ||theta_p - theta_0,p||^2``
 
 The forget loss is a registry loss on the ``rejected`` side; the retain term, the regulariser and the stop rule are
-plugins appended to the run's own plugins for this stage only. A stop (``UnlearnStopped``) ends the stage early:
-the caller gets the structured event (also written to ``metrics.jsonl``) and the plugins' ``after_stage`` still
-runs, as it would have at the end of the stage.
+plugins appended to the run's own plugins for this stage only. A stop (the guard's ``stop_request``) ends the
+stage early inside the loop, on every rank: the caller gets the structured event (also written to
+``metrics.jsonl``) and the plugins' ``after_stage`` still runs, as it would have at the end of the stage.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lifealign.losses import CombinedLoss
 from lifealign.training.loop import LoopServices, StagePlan, StageResult, train_task
 from lifealign.training.plugin import Plugin, PluginContext
 from lifealign.unlearning.config import OBJECTIVES
-from lifealign.unlearning.plugins import AnchorPlugin, ForgetNLLGuard, RetainPlugin, UnlearnStopped
+from lifealign.unlearning.plugins import AnchorPlugin, ForgetNLLGuard, RetainPlugin
 
 __all__ = ["InnerSolver", "SolveOutcome", "inner_plugins"]
 
@@ -130,14 +130,12 @@ class InnerSolver:
         services.plugins, services.save_checkpoint = [*own_plugins, *plugins], save_checkpoint
         try:
             result: StageResult = train_task(self.model, examples, plan, services, self.ctx, resume=resume)
-        except UnlearnStopped as stop:
-            event = {**stop.event, "method": services.method_name, "task": task.name,
-                     "global_step": services.global_step}
-            for plugin in services.plugins:
-                plugin.after_stage(self.ctx)
-            services.write_metrics(event)
-            return SolveOutcome(planned_steps=max_steps, steps=int(event["steps_completed"]), stopped=event)
         finally:
             services.plugins, services.save_checkpoint = own_plugins, own_save
+        if result.stopped is not None:
+            event = {**result.stopped, "method": services.method_name, "task": task.name,
+                     "global_step": services.global_step}
+            services.write_metrics(event)
+            return SolveOutcome(planned_steps=max_steps, steps=result.steps, stopped=event)
         return SolveOutcome(planned_steps=max_steps, steps=result.steps, nonfinite_skipped=result.nonfinite_skipped,
                             metrics=dict(result.last_metrics))

@@ -5,8 +5,9 @@
 - ``RetainPlugin``: GradDiff's retain term ``c * KL(pi_orig || pi_theta)`` (token level, U2A's code) or
   ``c * NLL`` on retain sequences drawn independently of the forget batch, unweighted.
 - ``ForgetNLLGuard``: the stop rule of RELIABILITY R6 — once the forget batch's mean per-token NLL exceeds a bound
-  for ``patience`` consecutive micro-batches, raise ``UnlearnStopped`` *before* that micro-batch's backward, so no
-  update is taken at the stopping step. The caller turns it into a structured ``unlearn_stopped`` event.
+  for ``patience`` consecutive micro-batches, it asks the loop to stop (``Plugin.stop_request``) *before* that
+  micro-batch's backward, so no update is taken at the stopping step; the stage returns the structured
+  ``unlearn_stopped`` event (on every rank, when any rank's batch trips it).
 
 Retain batches are a pure function of (seed, optimizer step, micro-batch), so a resumed stage draws the same ones.
 """
@@ -27,17 +28,9 @@ from lifealign.training.forward import batch_logps
 from lifealign.training.loop import micro_batch_indices
 from lifealign.training.plugin import Plugin, PluginContext
 
-__all__ = ["AnchorPlugin", "ForgetNLLGuard", "RetainPlugin", "UnlearnStopped", "optimizer_steps_taken"]
+__all__ = ["AnchorPlugin", "ForgetNLLGuard", "RetainPlugin", "optimizer_steps_taken"]
 
 RETAIN = ("chosen",)
-
-
-class UnlearnStopped(Exception):
-    """Raised by ``ForgetNLLGuard``; ``event`` is the structured record of why and where unlearning stopped."""
-
-    def __init__(self, event: dict[str, Any]):
-        super().__init__(f"unlearning stopped: {event}")
-        self.event = event
 
 
 def optimizer_steps_taken(optimizer: torch.optim.Optimizer | None) -> int:
@@ -132,7 +125,7 @@ def retain_kl(model: nn.Module, batch: dict[str, Any], reference_state: dict[str
 
 
 class ForgetNLLGuard(Plugin):
-    """Raise ``UnlearnStopped`` when the forget NLL stays above ``bound`` for ``patience`` micro-batches."""
+    """Stop the stage when the forget NLL stays above ``bound`` for ``patience`` consecutive micro-batches."""
 
     name = "forget_guard"
 
@@ -153,19 +146,19 @@ class ForgetNLLGuard(Plugin):
         self.count = int(state["meta"].get("count", 0))
         self._restored = True
 
-    def extra_loss(self, ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]) -> Tensor | None:
+    def stop_request(self, ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any] | None:
         policy = outputs["policy"]
         with torch.no_grad():
             nll = float(-policy["rejected_logps"].sum() / policy["rejected_tokens"].sum().clamp_min(1))
         self.count = self.count + 1 if nll > self.bound else 0
-        if self.count >= self.patience:
-            raise UnlearnStopped({
-                "event": "unlearn_stopped",
-                "reason": "forget_nll_above_bound",
-                "where": self.label,
-                "steps_completed": optimizer_steps_taken(ctx.optimizer),
-                "forget_nll": nll,
-                "bound": self.bound,
-                "patience": self.patience,
-            })
-        return None
+        if self.count < self.patience:
+            return None
+        return {
+            "event": "unlearn_stopped",
+            "reason": "forget_nll_above_bound",
+            "where": self.label,
+            "steps_completed": optimizer_steps_taken(ctx.optimizer),
+            "forget_nll": nll,
+            "bound": self.bound,
+            "patience": self.patience,
+        }
