@@ -121,3 +121,41 @@ def test_two_process_stream_with_a_negative_task_matches_one_process(tmp_path):
     for row1, row2 in zip(scores[0]["margin"]["matrix"], scores[1]["margin"]["matrix"]):
         for a, b in zip(row1, row2):
             assert (a is None and b is None) or abs(a - b) <= MARGIN_TOL
+
+
+@pytest.mark.slow
+def test_two_process_unlearn_matches_one_process(tmp_path):
+    """``lifealign unlearn`` on two ranks: the same scores, selection, weights and (sharded, gathered) evaluation."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("LIFEALIGN_FAULT", None)
+    base = {
+        "model": {"name_or_path": "tiny"},
+        "data": {"max_length": 96, "max_prompt_length": 48},
+        "tasks": [{"name": "safety", "train": "synthetic:safety", "test": "synthetic:safety", "max_train": 40,
+                   "max_test": 8}],
+        "train": {"lr": 1e-3, "save_every": 50, "progress": False, "adam_eps": 1e-4},
+        "eval": {"scorers": ["pref_acc"], "max_examples": 8, "batch_size": 2},
+        "unlearn": {"objective": "npo", "k": 4, "rounds": 2, "inner_max_steps": 2, "baselines": ["ga", "dpo"]},
+    }
+    paths = {}
+    for name, batch in (("one", 4), ("two", 2)):
+        cfg = json.loads(json.dumps(base))
+        cfg["train"]["batch_size"] = batch
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(cfg))
+    single = subprocess.run([sys.executable, "-m", "lifealign", "unlearn", str(paths["one"]), "--out",
+                             str(tmp_path / "r1")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    multi = subprocess.run([*launcher, "-m", "lifealign", "unlearn", str(paths["two"]), "--out", str(tmp_path / "r2")],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    r1, r2 = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("r1", "r2"))
+    assert r1["u2a"]["selected_ids"] == r2["u2a"]["selected_ids"]
+    for a, b in zip(r1["u2a"]["weights"], r2["u2a"]["weights"], strict=True):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
+    for method, row in r1["table"].items():
+        assert row["pref_acc"] == r2["table"][method]["pref_acc"], method
+        for key in ("J", "forget_nll", "retain_nll"):
+            assert abs(row[key] - r2["table"][method][key]) <= 1e-4, (method, key)

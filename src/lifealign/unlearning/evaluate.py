@@ -21,13 +21,13 @@ from lifealign.config.schema import DataSection, EvalSection
 from lifealign.data.collate import collate_pairs
 from lifealign.data.records import PreferencePair, Task
 from lifealign.data.tokenize import tokenize_pairs
-from lifealign.evaluation.scorers.base import EvalContext, Scorer, eval_mode
-from lifealign.evaluation.scorers.preference import pair_logps, preference_accuracy
+from lifealign.evaluation.scorers.base import EvalContext, Scorer, Shard, eval_mode
+from lifealign.evaluation.scorers.preference import pair_logps, preference_accuracy, sharded_pair_logps
 from lifealign.losses import LOSSES, LossInputs
 from lifealign.models.lora import reference_context
 from lifealign.training.forward import batch_logps
 
-__all__ = ["EvalSets", "evaluate_unlearning", "mean_token_nll", "prepare_eval_sets"]
+__all__ = ["EvalSets", "evaluate_unlearning", "mean_token_nll", "pooled_nll", "prepare_eval_sets", "token_nll_rows"]
 
 LN2 = math.log(2.0)
 
@@ -72,17 +72,28 @@ def prepare_eval_sets(
 
 
 @torch.no_grad()
+def token_nll_rows(model: nn.Module, examples: Sequence[dict[str, Any]], side: str, pad_id: int,
+                   batch_size: int = 8) -> list[tuple[float, float]]:
+    """Per example ``(-log pi(y), |y|)`` for the response of ``side``."""
+    rows: list[tuple[float, float]] = []
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = collate_pairs(list(examples[start : start + batch_size]), pad_id, sides=(side,))
+            out = batch_logps(model, batch)
+            rows += zip((-out[f"{side}_logps"].float()).tolist(), out[f"{side}_tokens"].float().tolist(), strict=True)
+    return rows
+
+
+def pooled_nll(rows: Sequence[tuple[float, float]]) -> float:
+    """``sum nll / sum tokens`` over ``rows`` from :func:`token_nll_rows` (NaN when there are no tokens)."""
+    tokens = sum(n for _, n in rows)
+    return sum(nll for nll, _ in rows) / tokens if tokens else math.nan
+
+
 def mean_token_nll(model: nn.Module, examples: Sequence[dict[str, Any]], side: str, pad_id: int,
                    batch_size: int = 8) -> float:
     """``-sum log pi(y) / sum |y|`` over the responses of ``side`` (NaN when there are none)."""
-    total, tokens = 0.0, 0.0
-    with eval_mode(model):
-        for start in range(0, len(examples), batch_size):
-            batch = collate_pairs(examples[start : start + batch_size], pad_id, sides=(side,))
-            out = batch_logps(model, batch)
-            total -= float(out[f"{side}_logps"].sum())
-            tokens += float(out[f"{side}_tokens"].sum())
-    return total / tokens if tokens else math.nan
+    return pooled_nll(token_nll_rows(model, examples, side, pad_id, batch_size))
 
 
 def evaluate_unlearning(
@@ -94,11 +105,17 @@ def evaluate_unlearning(
     data: DataSection,
     eval_cfg: EvalSection,
     scorers: Sequence[Scorer] = (),
+    shard: Shard | None = None,
 ) -> dict[str, float]:
-    """``pref_acc``, ``J``, ``delta_J``, ``margin``, ``forget_nll``, ``retain_nll`` and every extra scorer's keys."""
+    """``pref_acc``, ``J``, ``delta_J``, ``margin``, ``forget_nll``, ``retain_nll`` and every extra scorer's keys.
+
+    With ``shard`` (several processes) each rank scores its slice of every set and the results are gathered, so all
+    ranks return the same metrics.
+    """
     pad_id = tokenizer.pad_token_id
+    ctx = EvalContext(model=model, tokenizer=tokenizer, data=data, eval=eval_cfg, shard=shard or Shard())
     with eval_mode(model):
-        policy = pair_logps(model, sets.test, pad_id, batch_size=eval_cfg.batch_size)
+        policy = sharded_pair_logps(ctx, sets.test)
     metrics: dict[str, float] = {}
     if sets.test:
         accuracy, margin = preference_accuracy(policy.chosen, policy.rejected, sets.ref_chosen, sets.ref_rejected,
@@ -107,11 +124,12 @@ def evaluate_unlearning(
                             ref_chosen_logps=sets.ref_chosen, ref_rejected_logps=sets.ref_rejected)
         objective = float(LOSSES["dpo"].fn(inputs, beta=beta).losses.mean())
         metrics.update(pref_acc=accuracy, margin=margin, J=objective, delta_J=objective - LN2)
-    metrics["forget_nll"] = mean_token_nll(model, sets.forget, "rejected", pad_id, eval_cfg.batch_size)
-    metrics["retain_nll"] = mean_token_nll(model, sets.retain, "chosen", pad_id, eval_cfg.batch_size)
+    for key, examples, side in (("forget_nll", sets.forget, "rejected"), ("retain_nll", sets.retain, "chosen")):
+        rows = ctx.map_sharded(examples, lambda part, side=side: token_nll_rows(model, part, side, pad_id,
+                                                                                 eval_cfg.batch_size))
+        metrics[key] = pooled_nll(rows)
     extra = [s for s in scorers if s.name != "pref_acc"]
     if extra and sets.task.test:
-        ctx = EvalContext(model=model, tokenizer=tokenizer, data=data, eval=eval_cfg)
         for scorer in extra:
             for key, value in scorer.score(ctx, sets.task).items():
                 metrics[key] = float(value)

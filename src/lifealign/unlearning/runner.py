@@ -31,6 +31,7 @@ from lifealign.data.loaders import load_stream
 from lifealign.data.records import Task
 from lifealign.data.tokenize import tokenize_pairs
 from lifealign.evaluation.matrix import nan_to_null
+from lifealign.evaluation.scorers.base import Shard
 from lifealign.losses import bind_losses
 from lifealign.models.lora import attach_lora, load_lora_state, lora_state, reference_context, save_adapter
 from lifealign.pipeline import build_scorers, make_accelerator, preflight_output_dir, write_resolved_config
@@ -277,7 +278,8 @@ class UnlearnRun:
         if name == "original":
             self._start(name)
         metrics = evaluate_unlearning(self.unwrapped, self.tokenizer, self.eval_sets, beta=self.section.dpo_beta,
-                                      data=self.cfg.data, eval_cfg=self.cfg.eval, scorers=self.scorers)
+                                      data=self.cfg.data, eval_cfg=self.cfg.eval, scorers=self.scorers,
+                                      shard=Shard(self.acc.process_index, self.acc.num_processes))
         stage = self.state["stages"].get(name, {"steps": 0, "stopped": False})
         self.state["results"][name] = {**metrics, "steps": stage["steps"], "stopped": stage["stopped"]}
         self.metrics.write({"event": "eval", "method": name, **metrics})
