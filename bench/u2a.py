@@ -6,7 +6,7 @@ responses; J is the DPO loss on a slice of the preference pairs; the test split 
 baselines (full-set GA / GradDiff / NPO, a random subset of U2A's size, U2A's top-k without weights, DPO on the
 pairs) run under the same step budget. Prints the table and the wall time; resumable (re-run with the same --out).
 
-    python bench/u2a.py            # the reduced full run (about 15 min on a free 2-core CPU)
+    python bench/u2a.py            # the reduced full run (765 s on one thread; see BENCHMARKS.md)
     python bench/u2a.py --quick    # a tiny-size smoke run of the same pipeline (a few minutes)
 """
 
