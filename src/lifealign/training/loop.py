@@ -277,10 +277,7 @@ def train_task(
             _record_pair_metrics(means, primary, policy)
         if stop_event is not None:
             optimizer.zero_grad(set_to_none=True)  # the micro-batches already backpropagated are not applied
-            bar.close()
-            for plugin in services.plugins:
-                plugin.after_stage(ctx)
-            return StageResult(steps=step, nonfinite_skipped=skipped, last_metrics=metrics, stopped=stop_event)
+            break
         finite = _all_ranks_true(acc, finite)
         grad_norm = torch.tensor(float("nan"))
         if finite:
@@ -334,4 +331,5 @@ def train_task(
     bar.close()
     for plugin in services.plugins:
         plugin.after_stage(ctx)
-    return StageResult(steps=steps, nonfinite_skipped=skipped, last_metrics=metrics)
+    ran = step if stop_event is not None else steps
+    return StageResult(steps=ran, nonfinite_skipped=skipped, last_metrics=metrics, stopped=stop_event)

@@ -78,6 +78,14 @@ def _all_gather(local: Any, world_size: int) -> list[Any]:
     return out
 
 
+def _attempt(compute: Callable[[], Any]) -> tuple[bool, Any]:
+    """``(True, compute())``, or ``(False, "<error type>: <message>")`` to report to every rank."""
+    try:
+        return True, compute()
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+
+
 def _raise_if_any_failed(parts: Sequence[tuple[bool, Any]]) -> None:
     failed = [f"rank {rank}: {value}" for rank, (ok, value) in enumerate(parts) if not ok]
     if failed:
@@ -121,6 +129,8 @@ class EvalContext:
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     policy_cache: dict[str, PairLogps] = field(default_factory=dict)
     generations: dict[str, Generations] = field(default_factory=dict)
+    shard: Shard = field(default_factory=Shard)
+    """This process's rank among the evaluating processes; the default is a single process."""
 
     def resolved_device(self) -> torch.device:
         if self.device is not None:
@@ -130,9 +140,6 @@ class EvalContext:
     def reference_policy(self) -> contextlib.AbstractContextManager:
         """Enter to make ``model`` the reference policy."""
         return self.reference() if self.reference is not None else reference_context(self.model)
-
-    shard: Shard = field(default_factory=Shard)
-    """This process's rank among the evaluating processes; the default is a single process."""
 
     def map_sharded(self, items: Sequence[T], compute: Callable[[list[T]], Sequence[R]]) -> list[R]:
         """``compute`` (one output per item) on this rank's slice of ``items``; every rank gets all outputs, in order.
@@ -144,10 +151,7 @@ class EvalContext:
             return list(compute(list(items)))
         start, stop = self.shard.bounds(len(items))
         part = list(items[start:stop])
-        try:
-            local: tuple[bool, Any] = (True, list(compute(part)) if part else [])
-        except Exception as exc:  # reported to every rank below
-            local = (False, f"{type(exc).__name__}: {exc}")
+        local = _attempt(lambda: list(compute(part)) if part else [])
         parts = _all_gather(local, self.shard.world_size)
         _raise_if_any_failed(parts)
         return [out for _, outputs in parts for out in outputs]
@@ -156,12 +160,7 @@ class EvalContext:
         """``compute()`` on rank 0 only, its result broadcast to every rank (calls that cost money or quota)."""
         if self.shard.world_size == 1:
             return compute()
-        box: list[Any] = [None]
-        if self.shard.rank == 0:
-            try:
-                box[0] = (True, compute())
-            except Exception as exc:  # reported to every rank below
-                box[0] = (False, f"{type(exc).__name__}: {exc}")
+        box: list[Any] = [_attempt(compute) if self.shard.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         _raise_if_any_failed([box[0]])
         return box[0][1]
