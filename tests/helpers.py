@@ -8,18 +8,24 @@ import torch
 
 from lifealign.config import RunConfig, config_from_dict
 
+SYNTHETIC_TASKS = ("arithmetic", "capitals", "support", "safety")
+
+
+def synthetic_tasks(n_tasks: int = 2, max_train: int = 16, max_test: int = 8) -> list[dict[str, Any]]:
+    """Task entries for the first ``n_tasks`` synthetic tasks, each training and testing on its own generator."""
+    return [
+        {"name": n, "train": f"synthetic:{n}", "test": f"synthetic:{n}", "max_train": max_train, "max_test": max_test}
+        for n in SYNTHETIC_TASKS[:n_tasks]
+    ]
+
 
 def tiny_config(tmp_path, n_tasks: int = 2, **sections: Any) -> RunConfig:
     """A tiny-model stream over the first ``n_tasks`` synthetic tasks; ``sections`` override top-level keys."""
-    names = ["arithmetic", "capitals", "support", "safety"][:n_tasks]
     data: dict[str, Any] = {
         "output_dir": str(tmp_path / "run"),
         "model": {"name_or_path": "tiny"},
         "data": {"max_length": 96, "max_prompt_length": 48},
-        "tasks": [
-            {"name": n, "train": f"synthetic:{n}", "test": f"synthetic:{n}", "max_train": 16, "max_test": 8}
-            for n in names
-        ],
+        "tasks": synthetic_tasks(n_tasks),
         "method": {"name": "seqft", "loss": {"name": "dpo", "beta": 0.1}},
         "train": {"lr": 1e-3, "max_steps": 4, "batch_size": 4, "save_every": 2, "progress": False},
         "eval": {"scorers": ["pref_acc"], "max_examples": 8},

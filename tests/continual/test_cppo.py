@@ -16,7 +16,7 @@ from lifealign.losses import bind_losses
 from lifealign.models.lora import load_lora_state, lora_modules, lora_state
 from lifealign.training.forward import batch_logps, loss_inputs
 from lifealign.training.plugin import PluginContext
-from tests.helpers import tiny_config
+from tests.helpers import synthetic_tasks, tiny_config
 
 PAIRS = [
     PreferencePair(prompt=f"Capital of {c}?", chosen=a, rejected=b, id=c)
@@ -152,8 +152,7 @@ def test_end_to_end_reweights_and_retains_on_the_second_task(tmp_path):
     from lifealign.training.checkpoint import Checkpointer
     from lifealign.training.metrics import read_metrics
 
-    tasks = [{"name": n, "train": f"synthetic:{n}", "test": f"synthetic:{n}", "max_train": 8, "max_test": 4}
-             for n in ("arithmetic", "capitals")]
+    tasks = synthetic_tasks(2, max_train=8, max_test=4)
     cfg = tiny_config(
         tmp_path, tasks=tasks, train={"max_steps": 2, "save_every": 100, "batch_size": 8},
         method={"name": "cppo", "loss": {"name": "dpo"}, "plugins": [{"name": "cppo", "kr_coef": 10.0}]},

@@ -15,7 +15,7 @@ from lifealign.losses import bind_losses
 from lifealign.models.lora import lora_parameters, lora_state
 from lifealign.training.forward import batch_logps
 from lifealign.training.plugin import PluginContext
-from tests.helpers import perturb_lora_b, tiny_config
+from tests.helpers import perturb_lora_b, synthetic_tasks, tiny_config
 
 PAIRS = [
     PreferencePair(prompt=f"{a}+{b}=", chosen=str(a + b), rejected=str(a + b + 1), id=f"p{a}{b}")
@@ -178,8 +178,7 @@ def test_end_to_end_penalty_grows_on_the_second_task_and_state_resumes(tmp_path)
     from lifealign.training.checkpoint import Checkpointer
     from lifealign.training.metrics import read_metrics
 
-    tasks = [{"name": n, "train": f"synthetic:{n}", "test": f"synthetic:{n}", "max_train": 6, "max_test": 4}
-             for n in ("arithmetic", "capitals")]
+    tasks = synthetic_tasks(2, max_train=6, max_test=4)
     cfg = tiny_config(
         tmp_path, tasks=tasks, train={"max_steps": 2, "save_every": 100},
         method={"name": "ewc", "loss": {"name": "dpo"}, "plugins": [{"name": "ewc", "lam": 1.0e6, "n_samples": 4}]},

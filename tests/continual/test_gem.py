@@ -18,7 +18,7 @@ from lifealign.continual.gem import (
 )
 from lifealign.data.records import PreferencePair, Task
 from lifealign.losses import bind_losses
-from tests.helpers import perturb_lora_b, tiny_config
+from tests.helpers import perturb_lora_b, synthetic_tasks, tiny_config
 
 PAIRS = [
     PreferencePair(prompt=f"{a}*{b}=", chosen=str(a * b), rejected=str(a * b + 2), id=f"m{a}{b}")
@@ -203,8 +203,7 @@ def test_end_to_end_projects_on_the_second_task_and_resumes(tmp_path, name):
     from lifealign.pipeline import run_experiment
     from lifealign.training.checkpoint import Checkpointer
 
-    tasks = [{"name": n, "train": f"synthetic:{n}", "test": f"synthetic:{n}", "max_train": 6, "max_test": 4}
-             for n in ("arithmetic", "capitals")]
+    tasks = synthetic_tasks(2, max_train=6, max_test=4)
     cfg = tiny_config(
         tmp_path, tasks=tasks, train={"max_steps": 2, "save_every": 100},
         method={"name": name, "loss": {"name": "dpo"}, "plugins": [{"name": name, "memory_per_task": 4}]},

@@ -18,7 +18,7 @@ from lifealign.data.records import Task
 from lifealign.data.tokenize import chat_ids
 from lifealign.models.lora import lora_parameters, reference_context
 from lifealign.training.plugin import PluginContext
-from tests.helpers import tiny_config
+from tests.helpers import synthetic_tasks, tiny_config
 
 
 def _ctx(model, tokenizer, tmp_path, task_index=0):
@@ -191,8 +191,7 @@ def test_end_to_end_interrupted_mid_stage_resumes_to_the_same_pool(tmp_path, mon
     from lifealign.pipeline import run_experiment
     from lifealign.training.checkpoint import Checkpointer
 
-    tasks = [{"name": n, "train": f"synthetic:{n}", "test": f"synthetic:{n}", "max_train": 6, "max_test": 4}
-             for n in ("arithmetic", "capitals")]
+    tasks = synthetic_tasks(2, max_train=6, max_test=4)
 
     def cfg(out):
         return tiny_config(

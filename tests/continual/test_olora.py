@@ -10,7 +10,7 @@ from lifealign.continual.olora import OLoRAPlugin, fold_factors, l2_penalty, ort
 from lifealign.data.records import Task
 from lifealign.models.lora import load_lora_state, lora_modules, lora_state, reference_context
 from lifealign.training.plugin import PluginContext
-from tests.helpers import tiny_config
+from tests.helpers import synthetic_tasks, tiny_config
 
 
 def _ctx(model, tokenizer, tmp_path, task_index=0, n_tasks=2):
@@ -162,8 +162,7 @@ def test_end_to_end_interrupted_before_evaluation_resumes_to_the_same_scores(tmp
     import lifealign.continual.runner as runner_module
     from lifealign.pipeline import run_experiment
 
-    tasks = [{"name": n, "train": f"synthetic:{n}", "test": f"synthetic:{n}", "max_train": 6, "max_test": 4}
-             for n in ("arithmetic", "capitals")]
+    tasks = synthetic_tasks(2, max_train=6, max_test=4)
 
     def cfg(out):
         return tiny_config(

@@ -125,19 +125,8 @@ def test_a_run_interrupted_inside_a_solve_resumes_to_the_same_result(tmp_path, m
 def test_a_negative_task_inside_a_stream_runs_u2a_through_the_runner(tmp_path):
     from lifealign.pipeline import run_experiment
 
-    cfg = config_from_dict({
-        "output_dir": str(tmp_path / "stream"),
-        "model": {"name_or_path": "tiny"},
-        "data": {"max_length": 96, "max_prompt_length": 48},
-        "tasks": [
-            {"name": "arithmetic", "train": "synthetic:arithmetic", "max_train": 8, "max_test": 4},
-            {"name": "safety", "train": "synthetic:safety", "kind": "negative", "max_train": 12, "max_test": 4},
-        ],
-        "method": {"name": "seqft", "loss": {"name": "dpo", "beta": 0.1}},
-        "train": {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "save_every": 50, "progress": False},
-        "eval": {"scorers": ["pref_acc"], "max_examples": 4},
-        "unlearn": {"objective": "grad_diff", "retain": "kl", "k": 3, "rounds": 1, "inner_max_steps": 2},
-    })
+    cfg = _stream_config(tmp_path / "stream", unlearn={"objective": "grad_diff", "retain": "kl", "k": 3, "rounds": 1,
+                                                       "inner_max_steps": 2})
     scores = run_experiment(cfg, report=False)
     info = json.loads((tmp_path / "stream" / "run_info.json").read_text())
     stage = info["stages"]["t1:unlearn"]
@@ -150,7 +139,8 @@ def test_a_negative_task_inside_a_stream_runs_u2a_through_the_runner(tmp_path):
     assert matrix[1][1] is not None and not math.isnan(matrix[1][1])
 
 
-def _stream_config(out, save_every: int = 50):
+def _stream_config(out, save_every: int = 50, unlearn: dict | None = None):
+    """A pairwise task then a negative-only one on the tiny model; ``unlearn`` replaces the NPO section."""
     return config_from_dict({
         "output_dir": str(out),
         "model": {"name_or_path": "tiny"},
@@ -162,7 +152,7 @@ def _stream_config(out, save_every: int = 50):
         "method": {"name": "seqft", "loss": {"name": "dpo", "beta": 0.1}},
         "train": {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "save_every": save_every, "progress": False},
         "eval": {"scorers": ["pref_acc"], "max_examples": 4},
-        "unlearn": {"objective": "npo", "k": 3, "rounds": 1, "inner_max_steps": 3, "reg_weight": 0.1},
+        "unlearn": unlearn or {"objective": "npo", "k": 3, "rounds": 1, "inner_max_steps": 3, "reg_weight": 0.1},
     })
 
 
