@@ -25,6 +25,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/python -m ruff format --check src tests bench
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -32,6 +33,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/python -m ruff format --check src tests bench
 
 bench: setup
 	$(BIN)/python bench/train_step.py

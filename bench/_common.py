@@ -113,7 +113,9 @@ def machine_report() -> str:
     )
 
 
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 1536, seconds: float = 0.6, repeats: int = 3) -> float:
+def matmul_peak_gflops(
+    dtype: torch.dtype = torch.float32, size: int = 1536, seconds: float = 0.6, repeats: int = 3
+) -> float:
     """Best sustained GFLOP/s of ``size x size`` matmuls in ``dtype`` (``2 * size**3`` FLOPs each).
 
     ``repeats`` timed windows of about ``seconds / repeats`` each; the best window is returned, as a peak is the

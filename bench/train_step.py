@@ -83,7 +83,9 @@ class Config:
 
 
 CONFIGS = {
-    "trl": Config("trl", "trl", "bf16", "recomputed", True, "trl default DPOConfig (bf16 autocast, grad checkpointing)"),
+    "trl": Config(
+        "trl", "trl", "bf16", "recomputed", True, "trl default DPOConfig (bf16 autocast, grad checkpointing)"
+    ),
     "trl_precompute": Config("trl_precompute", "trl", "bf16", "cached", True, "trl default + precompute_ref_log_probs"),
     "trl_fp32": Config("trl_fp32", "trl", "fp32", "recomputed", False, "trl, bf16=False, gradient_checkpointing=False"),
     "ours_recompute": Config("ours_recompute", "ours", "fp32", "recomputed", False, "ours, cache_reference: false"),
@@ -156,8 +158,10 @@ def make_data(tokenizer: Any, pairs: int, seq_len: int, seed: int) -> BenchData:
 
     for index in range(pairs):
         for _attempt in range(20):
-            ids = {k: [rng.choice(words) for _ in range(n)] for k, n in
-                   (("prompt", prompt_len), ("chosen", response_len - 1), ("rejected", response_len - 1))}
+            ids = {
+                k: [rng.choice(words) for _ in range(n)]
+                for k, n in (("prompt", prompt_len), ("chosen", response_len - 1), ("rejected", response_len - 1))
+            }
             text = {k: tokenizer.decode(v) for k, v in ids.items()}
             if all(encode(text["prompt"] + text[side]) == ids["prompt"] + ids[side] for side in ("chosen", "rejected")):
                 break
@@ -165,10 +169,15 @@ def make_data(tokenizer: Any, pairs: int, seq_len: int, seed: int) -> BenchData:
             raise SystemExit("could not build text that tokenises to exact lengths with this tokenizer")
         for k in texts:
             texts[k].append(text[k])
-        examples.append({
-            "id": f"bench/{index}", "index": index, "prompt_ids": ids["prompt"],
-            "chosen_ids": ids["chosen"] + [eos], "rejected_ids": ids["rejected"] + [eos],
-        })
+        examples.append(
+            {
+                "id": f"bench/{index}",
+                "index": index,
+                "prompt_ids": ids["prompt"],
+                "chosen_ids": ids["chosen"] + [eos],
+                "rejected_ids": ids["rejected"] + [eos],
+            }
+        )
     return BenchData(prompt_len, response_len, texts, examples)
 
 
@@ -184,16 +193,20 @@ class ModelShape:
 
 def model_shape(model: torch.nn.Module) -> ModelShape:
     head = model.get_output_embeddings()
-    body = sum(m.in_features * m.out_features for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in n)
+    body = sum(
+        m.in_features * m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in n
+    )
     lora = 0
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in LORA_TARGETS:
             lora += LORA_R * (m.in_features + m.out_features)
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return ModelShape(body, head.in_features * head.out_features, lora, c.num_hidden_layers,
-                      c.num_attention_heads * head_dim)
+    return ModelShape(
+        body, head.in_features * head.out_features, lora, c.num_hidden_layers, c.num_attention_heads * head_dim
+    )
 
 
 def step_flops(shape: ModelShape, rows: int, seq_len: int, scored: int, reference_forward: bool) -> dict[str, float]:
@@ -210,7 +223,9 @@ def step_flops(shape: ModelShape, rows: int, seq_len: int, scored: int, referenc
     """
     tokens = rows * seq_len
     attention = 2.0 * rows * shape.layers * seq_len**2 * shape.attn_width
-    forward = 2.0 * tokens * (shape.body_linear_params + shape.lora_params) + attention + 2.0 * scored * shape.head_params
+    forward = (
+        2.0 * tokens * (shape.body_linear_params + shape.lora_params) + attention + 2.0 * scored * shape.head_params
+    )
     policy = 2 * forward + attention + 2.0 * tokens * shape.lora_params
     return {"forward": forward, "step": policy + (forward if reference_forward else 0.0)}
 
@@ -314,17 +329,29 @@ def run_ours(worker: Worker, shared: Shared) -> None:
     from lifealign.training.plugin import Plugin, PluginContext
 
     config, args = worker.config, shared.args
-    cfg = config_from_dict({
-        "output_dir": str(shared.out_dir / config.name),
-        "model": {"name_or_path": args.model, "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "target_modules": list(LORA_TARGETS)}},
-        "tasks": [{"name": "bench", "train": "synthetic:arithmetic"}],
-        "method": {"name": "dpo", "loss": {"name": "dpo", "beta": BETA}},
-        "train": {
-            "lr": args.lr, "max_steps": shared.total_steps, "batch_size": args.pairs, "warmup_ratio": 0.0,
-            "max_grad_norm": 1.0, "seed": args.seed, "precision": config.precision,
-            "cache_reference": config.reference == "cached", "progress": False, "save_every": 10**6,
-        },
-    })
+    cfg = config_from_dict(
+        {
+            "output_dir": str(shared.out_dir / config.name),
+            "model": {
+                "name_or_path": args.model,
+                "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "target_modules": list(LORA_TARGETS)},
+            },
+            "tasks": [{"name": "bench", "train": "synthetic:arithmetic"}],
+            "method": {"name": "dpo", "loss": {"name": "dpo", "beta": BETA}},
+            "train": {
+                "lr": args.lr,
+                "max_steps": shared.total_steps,
+                "batch_size": args.pairs,
+                "warmup_ratio": 0.0,
+                "max_grad_norm": 1.0,
+                "seed": args.seed,
+                "precision": config.precision,
+                "cache_reference": config.reference == "cached",
+                "progress": False,
+                "save_every": 10**6,
+            },
+        }
+    )
     accelerator = make_accelerator(cfg)
     model, tokenizer = load_base_with_adapter(cfg)
     load_lora_state(model, shared.init_adapter)
@@ -340,12 +367,12 @@ def run_ours(worker: Worker, shared: Shared) -> None:
         worker.records.append({"loss": record.get("loss"), "grad_norm": record.get("grad_norm")})
         worker.pause("step")
 
-    services = LoopServices(accelerator, tokenizer, cfg.train, [StageStart()], write_metrics, lambda *a: None,
-                            method_name=config.name)
+    services = LoopServices(
+        accelerator, tokenizer, cfg.train, [StageStart()], write_metrics, lambda *a: None, method_name=config.name
+    )
     task = Task("bench", [], [], "pairwise", {})
     plan = StagePlan(0, task, "pref", bind_losses(cfg.method.loss), cfg.train.lr, 1.0, shared.total_steps)
-    ctx = PluginContext(model=accelerator.unwrap_model(model), tokenizer=tokenizer, task=task, task_index=0,
-                        config=cfg)
+    ctx = PluginContext(model=accelerator.unwrap_model(model), tokenizer=tokenizer, task=task, task_index=0, config=cfg)
     worker.pause("setup")
     train_task(model, shared.data.examples, plan, services, ctx)
 
@@ -386,14 +413,32 @@ def run_trl(worker: Worker, shared: Shared) -> None:
     if config.name == "trl_fp32":
         overrides = {"bf16": False, "gradient_checkpointing": False}
     dpo_args = DPOConfig(
-        output_dir=str(shared.out_dir / config.name), per_device_train_batch_size=args.pairs,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, max_steps=shared.total_steps,
-        max_length=args.seq_len, beta=BETA, max_grad_norm=1.0, seed=args.seed, logging_steps=1,
-        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
-        precompute_ref_log_probs=config.reference == "cached", **overrides,
+        output_dir=str(shared.out_dir / config.name),
+        per_device_train_batch_size=args.pairs,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_steps=shared.total_steps,
+        max_length=args.seq_len,
+        beta=BETA,
+        max_grad_norm=1.0,
+        seed=args.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        precompute_ref_log_probs=config.reference == "cached",
+        **overrides,
     )
-    peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
-                             bias="none", task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        target_modules=list(LORA_TARGETS),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
     class Pauses(TrainerCallback):
         def on_train_begin(self, *a: Any, **k: Any) -> None:
@@ -408,8 +453,14 @@ def run_trl(worker: Worker, shared: Shared) -> None:
                 grad_norms.append(float(logs["grad_norm"]))
 
     grad_norms: list[float] = []
-    trainer = DPOTrainer(model=model, args=dpo_args, train_dataset=datasets.Dataset.from_dict(shared.data.texts),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[Pauses()])
+    trainer = DPOTrainer(
+        model=model,
+        args=dpo_args,
+        train_dataset=datasets.Dataset.from_dict(shared.data.texts),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[Pauses()],
+    )
     load_lora_state(trainer.model, shared.init_adapter)  # the same initial adapter as ours
     for i, ours in enumerate(shared.data.examples):
         row = trainer.train_dataset[i]
@@ -470,7 +521,7 @@ def run_rounds(workers: list[Worker], peaks: Peaks, measure_peaks: bool) -> None
     """Turns in rotation until every worker has finished; matmul peaks are sampled once per round."""
     round_index = 0
     while not all(w.finished for w in workers):
-        order = workers[round_index % len(workers):] + workers[: round_index % len(workers)]
+        order = workers[round_index % len(workers) :] + workers[: round_index % len(workers)]
         for worker in order:
             if not worker.finished:
                 worker.turn()
@@ -483,7 +534,9 @@ def run_rounds(workers: list[Worker], peaks: Peaks, measure_peaks: bool) -> None
 
 def probe_memory(worker: Worker) -> dict[str, Any]:
     """Run one worker alone: its RSS before the first step, the RSS increase during its steps, the process peak."""
-    while not worker.finished and (not worker.segments or worker.segments[-1].label not in ("reference", "train_begin")):
+    while not worker.finished and (
+        not worker.segments or worker.segments[-1].label not in ("reference", "train_begin")
+    ):
         worker.turn()
     sampler = RssSampler()
     before_steps = sampler.current()
@@ -499,15 +552,33 @@ def probe_memory(worker: Worker) -> dict[str, Any]:
 
 def memory_probe(args: argparse.Namespace, config: Config) -> dict[str, Any] | None:
     """Peak RSS of a fresh process that runs only ``config`` for one step (the bench itself, ``--probe``)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "--configs", config.name, "--model", args.model,
-           "--pairs", str(args.pairs), "--seq-len", str(args.seq_len), "--steps", "1", "--warmup", "0",
-           "--lr", str(args.lr), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--probe",
+        "--configs",
+        config.name,
+        "--model",
+        args.model,
+        "--pairs",
+        str(args.pairs),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--lr",
+        str(args.lr),
+        "--seed",
+        str(args.seed),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
         if line.startswith("MEMPROBE "):
-            return json.loads(line[len("MEMPROBE "):])
+            return json.loads(line[len("MEMPROBE ") :])
     print(f"  memory probe for {config.name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
     return None
 
@@ -522,9 +593,17 @@ def ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-def report(args: argparse.Namespace, configs: list[Config], workers: dict[str, Worker], peaks: Peaks,
-           shape: ModelShape, data: BenchData, memory: dict[str, dict[str, Any] | None], load_start: tuple,
-           wall: float) -> dict[str, Any]:
+def report(
+    args: argparse.Namespace,
+    configs: list[Config],
+    workers: dict[str, Worker],
+    peaks: Peaks,
+    shape: ModelShape,
+    data: BenchData,
+    memory: dict[str, dict[str, Any] | None],
+    load_start: tuple,
+    wall: float,
+) -> dict[str, Any]:
     rows, seq = 2 * args.pairs, args.seq_len
     tokens = rows * seq
     scored = rows * data.response_len  # every response token (incl. EOS) is predicted by the position before it
@@ -533,7 +612,7 @@ def report(args: argparse.Namespace, configs: list[Config], workers: dict[str, W
     results: dict[str, Any] = {}
     for c in configs:
         w = workers[c.name]
-        times = w.step_times()[args.warmup:]
+        times = w.step_times()[args.warmup :]
         s = summarize(times)
         flops = step_flops(shape, rows, seq, scored, reference_forward=c.reference == "recomputed")
         reference_s = None
@@ -544,42 +623,57 @@ def report(args: argparse.Namespace, configs: list[Config], workers: dict[str, W
         losses = [r["loss"] for r in w.records]
         norms = [r["grad_norm"] for r in w.records]
         results[c.name] = {
-            "config": c.__dict__, "step_seconds": s, "step_times": w.step_times(),
+            "config": c.__dict__,
+            "step_seconds": s,
+            "step_times": w.step_times(),
             "tokens_per_s": tokens / s["median"] if s["n"] else float("nan"),
-            "flops_step": flops["step"], "flops_forward": flops["forward"],
+            "flops_step": flops["step"],
+            "flops_forward": flops["forward"],
             "fraction_fp32_peak": flops["step"] / s["median"] / (peak32 * 1e9) if s["n"] else float("nan"),
             "fraction_bf16_peak": flops["step"] / s["median"] / (peak16 * 1e9) if s["n"] else float("nan"),
-            "reference_precompute_s": reference_s, "losses": losses, "grad_norms": norms,
+            "reference_precompute_s": reference_s,
+            "losses": losses,
+            "grad_norms": norms,
             "memory": memory.get(c.name),
         }
 
     print()
-    print(f"## train_step: {args.model}, {args.pairs} pairs x {seq} tokens (prompt {data.prompt_len} + response "
-          f"{data.response_len} incl. EOS), {args.steps} timed steps after {args.warmup} warm-up, lr {args.lr}")
+    print(
+        f"## train_step: {args.model}, {args.pairs} pairs x {seq} tokens (prompt {data.prompt_len} + response "
+        f"{data.response_len} incl. EOS), {args.steps} timed steps after {args.warmup} warm-up, lr {args.lr}"
+    )
     print(machine_report())
     print(f"load average at start {load_start[0]:.2f}, at end {load_average()[0]:.2f}; wall {wall:.0f} s")
-    print(f"matmul peak (median of {len(peaks.fp32)} samples, 1536^2): fp32 {fmt(peak32, '.1f')} GFLOP/s "
-          f"[{fmt(min(peaks.fp32, default=float('nan')), '.1f')}-{fmt(max(peaks.fp32, default=float('nan')), '.1f')}], "
-          f"bf16 {fmt(peak16, '.1f')} GFLOP/s [{fmt(min(peaks.bf16, default=float('nan')), '.1f')}-"
-          f"{fmt(max(peaks.bf16, default=float('nan')), '.1f')}] (bf16/fp32 {fmt(ratio(peak16, peak32), '.2f')}x)")
-    print(f"tokens/step {tokens} ({rows} sequences); scored (response) positions {scored}; FLOP formula: see "
-          "step_flops (forward F, policy 2F + attention + LoRA grads, + F for a recomputed reference)")
+    print(
+        f"matmul peak (median of {len(peaks.fp32)} samples, 1536^2): fp32 {fmt(peak32, '.1f')} GFLOP/s "
+        f"[{fmt(min(peaks.fp32, default=float('nan')), '.1f')}-{fmt(max(peaks.fp32, default=float('nan')), '.1f')}], "
+        f"bf16 {fmt(peak16, '.1f')} GFLOP/s [{fmt(min(peaks.bf16, default=float('nan')), '.1f')}-"
+        f"{fmt(max(peaks.bf16, default=float('nan')), '.1f')}] (bf16/fp32 {fmt(ratio(peak16, peak32), '.2f')}x)"
+    )
+    print(
+        f"tokens/step {tokens} ({rows} sequences); scored (response) positions {scored}; FLOP formula: see "
+        "step_flops (forward F, policy 2F + attention + LoRA grads, + F for a recomputed reference)"
+    )
     print()
-    print("| config | precision | reference | s/step median (min-max) | tokens/s | GFLOP/step | % fp32 peak | "
-          "% bf16 peak | peak RSS MiB | step +RSS MiB | loss step 0 | grad norm step 0 | loss last |")
+    print(
+        "| config | precision | reference | s/step median (min-max) | tokens/s | GFLOP/step | % fp32 peak | "
+        "% bf16 peak | peak RSS MiB | step +RSS MiB | loss step 0 | grad norm step 0 | loss last |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in configs:
         r = results[c.name]
         s = r["step_seconds"]
         mem = r["memory"] or {}
-        print(f"| {c.name} | {c.precision}{' +ckpt' if c.gradient_checkpointing else ''} | {c.reference} | "
-              f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])}) | {fmt(r['tokens_per_s'], '.0f')} | "
-              f"{r['flops_step'] / 1e9:.1f} | {fmt(100 * r['fraction_fp32_peak'], '.1f')} | "
-              f"{fmt(100 * r['fraction_bf16_peak'], '.1f') if c.precision == 'bf16' else '-'} | "
-              f"{fmt(mem.get('peak_rss_mib'), '.0f')} | {fmt(mem.get('step_rss_increase_mib'), '.0f')} | "
-              f"{fmt(r['losses'][0] if r['losses'] else None, '.6f')} | "
-              f"{fmt(r['grad_norms'][0] if r['grad_norms'] else None, '.6f')} | "
-              f"{fmt(r['losses'][-1] if r['losses'] else None, '.6f')} |")
+        print(
+            f"| {c.name} | {c.precision}{' +ckpt' if c.gradient_checkpointing else ''} | {c.reference} | "
+            f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])}) | {fmt(r['tokens_per_s'], '.0f')} | "
+            f"{r['flops_step'] / 1e9:.1f} | {fmt(100 * r['fraction_fp32_peak'], '.1f')} | "
+            f"{fmt(100 * r['fraction_bf16_peak'], '.1f') if c.precision == 'bf16' else '-'} | "
+            f"{fmt(mem.get('peak_rss_mib'), '.0f')} | {fmt(mem.get('step_rss_increase_mib'), '.0f')} | "
+            f"{fmt(r['losses'][0] if r['losses'] else None, '.6f')} | "
+            f"{fmt(r['grad_norms'][0] if r['grad_norms'] else None, '.6f')} | "
+            f"{fmt(r['losses'][-1] if r['losses'] else None, '.6f')} |"
+        )
     print()
 
     steps_per_epoch = math.ceil(DEMO_TASK_PAIRS / args.pairs)
@@ -587,16 +681,18 @@ def report(args: argparse.Namespace, configs: list[Config], workers: dict[str, W
         r = results.get(name)
         if r and r["reference_precompute_s"] is not None:
             per_pair = r["reference_precompute_s"] / args.pairs
-            print(f"reference pre-computation {name}: {r['reference_precompute_s']:.3f} s for {args.pairs} pairs = "
-                  f"{per_pair:.3f} s/pair; amortised over one epoch of a {DEMO_TASK_PAIRS}-pair demo task "
-                  f"({steps_per_epoch} steps of {args.pairs}): {per_pair * args.pairs:.3f} s/step "
-                  f"(precompute time per pair x pairs per step: the epoch size cancels)")
+            print(
+                f"reference pre-computation {name}: {r['reference_precompute_s']:.3f} s for {args.pairs} pairs = "
+                f"{per_pair:.3f} s/pair; amortised over one epoch of a {DEMO_TASK_PAIRS}-pair demo task "
+                f"({steps_per_epoch} steps of {args.pairs}): {per_pair * args.pairs:.3f} s/step "
+                f"(precompute time per pair x pairs per step: the epoch size cancels)"
+            )
 
     def paired(num: str, den: str) -> float | None:
         """Median over rounds of the per-round ratio: both steps ran in the same round, under the same load."""
         if num not in results or den not in results:
             return None
-        a, b = workers[num].step_times()[args.warmup:], workers[den].step_times()[args.warmup:]
+        a, b = workers[num].step_times()[args.warmup :], workers[den].step_times()[args.warmup :]
         ratios = [x / y for x, y in zip(a, b) if y > 0]
         return statistics.median(ratios) if ratios else None
 
@@ -615,9 +711,11 @@ def report(args: argparse.Namespace, configs: list[Config], workers: dict[str, W
         if ra and rb and ra["grad_norms"] and rb["grad_norms"] and ra["grad_norms"][0] and rb["grad_norms"][0]:
             g_a, g_b = ra["grad_norms"][0], rb["grad_norms"][0]
             n = min(len(ra["losses"]), len(rb["losses"]))
-            print(f"equal loss {a} vs {b}: step-0 grad norm {g_a:.6f} vs {g_b:.6f} (rel diff {abs(g_a - g_b) / g_b:.1e}); "
-                  f"loss after {n} steps {ra['losses'][n - 1]:.6f} vs {rb['losses'][n - 1]:.6f} "
-                  f"(diff {ra['losses'][n - 1] - rb['losses'][n - 1]:+.1e})")
+            print(
+                f"equal loss {a} vs {b}: step-0 grad norm {g_a:.6f} vs {g_b:.6f} (rel diff {abs(g_a - g_b) / g_b:.1e}); "
+                f"loss after {n} steps {ra['losses'][n - 1]:.6f} vs {rb['losses'][n - 1]:.6f} "
+                f"(diff {ra['losses'][n - 1] - rb['losses'][n - 1]:+.1e})"
+            )
     print()
     ours = median("ours") or median("ours_bf16")
     ours_label = "ours" if median("ours") else "ours_bf16"
@@ -628,14 +726,20 @@ def report(args: argparse.Namespace, configs: list[Config], workers: dict[str, W
         "speedup_vs_trl_fp32": ratio(median("trl_fp32"), ours),
         "cache_speedup": ratio(median("ours_recompute"), median("ours")),
         "cache_step_time_cut": (1 - median("ours") / median("ours_recompute"))
-        if median("ours") and median("ours_recompute") else None,
+        if median("ours") and median("ours_recompute")
+        else None,
         "bf16_speedup": ratio(median("ours"), median("ours_bf16")),
         "speedup_vs_trl": ratio(median("trl"), ours),
     }
-    pairs_of = {"speedup_vs_trl_precomputed": ("trl_precompute", ours_label), "speedup_vs_trl_fp32": ("trl_fp32", ours_label),
-                "cache_speedup": ("ours_recompute", "ours"), "bf16_speedup": ("ours", "ours_bf16"),
-                "speedup_vs_trl": ("trl", ours_label), "bf16_speedup_vs_trl": ("trl", "ours_bf16"),
-                "bf16_speedup_vs_trl_precomputed": ("trl_precompute", "ours_bf16")}
+    pairs_of = {
+        "speedup_vs_trl_precomputed": ("trl_precompute", ours_label),
+        "speedup_vs_trl_fp32": ("trl_fp32", ours_label),
+        "cache_speedup": ("ours_recompute", "ours"),
+        "bf16_speedup": ("ours", "ours_bf16"),
+        "speedup_vs_trl": ("trl", ours_label),
+        "bf16_speedup_vs_trl": ("trl", "ours_bf16"),
+        "bf16_speedup_vs_trl_precomputed": ("trl_precompute", "ours_bf16"),
+    }
     lines["bf16_speedup_vs_trl"] = ratio(median("trl"), median("ours_bf16"))
     lines["bf16_speedup_vs_trl_precomputed"] = ratio(median("trl_precompute"), median("ours_bf16"))
     paired_lines = {key: paired(*pair) for key, pair in pairs_of.items()}
@@ -647,13 +751,22 @@ def report(args: argparse.Namespace, configs: list[Config], workers: dict[str, W
     if ours_label != "ours":
         print("(speedups use ours_bf16: fp32 was not run)")
     print(f"speedup_vs_trl: {fmt(lines['speedup_vs_trl'], '.2f')}")
-    return {"results": results, "peaks": {"fp32": peaks.fp32, "bf16": peaks.bf16}, "summary": lines,
-            "paired_summary": paired_lines,
-            "cpu": cpu_features().__dict__, "load_start": load_start, "load_end": load_average(), "args": vars(args)}
+    return {
+        "results": results,
+        "peaks": {"fp32": peaks.fp32, "bf16": peaks.bf16},
+        "summary": lines,
+        "paired_summary": paired_lines,
+        "cpu": cpu_features().__dict__,
+        "load_start": load_start,
+        "load_end": load_average(),
+        "args": vars(args),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="smollm2-135m-instruct (default) or tiny (default with --quick)")
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2x sequences)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (prompt half, response half)")
@@ -664,8 +777,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--memory", choices=["probe", "none"], default=None,
-                   help="probe: peak RSS per configuration in a fresh process (default; none with --quick)")
+    p.add_argument(
+        "--memory",
+        choices=["probe", "none"],
+        default=None,
+        help="probe: peak RSS per configuration in a fresh process (default; none with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, 2 timed steps, no memory probes")
     p.add_argument("--json", default="", help="also write every number to this JSON file")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)

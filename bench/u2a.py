@@ -21,8 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 QUICK = [
-    "tasks.0.max_train=60", "tasks.0.max_test=4", "eval.max_examples=4", "unlearn.k=4", "unlearn.rounds=1",
-    "unlearn.inner_max_steps=1", "unlearn.max_preference=4", "unlearn.original_sft_steps=2",
+    "tasks.0.max_train=60",
+    "tasks.0.max_test=4",
+    "eval.max_examples=4",
+    "unlearn.k=4",
+    "unlearn.rounds=1",
+    "unlearn.inner_max_steps=1",
+    "unlearn.max_preference=4",
+    "unlearn.original_sft_steps=2",
 ]
 
 
@@ -52,12 +58,17 @@ def main() -> int:
     columns = ["pref_acc", "J", "delta_J", "forget_nll", "retain_nll", "steps", "stopped"]
     print("| method | " + " | ".join(columns) + " |")
     for method, row in results["table"].items():
-        cells = [row.get("skipped", "")] if "skipped" in row else [
-            f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns]
+        cells = (
+            [row.get("skipped", "")]
+            if "skipped" in row
+            else [f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns]
+        )
         print(f"| {method} | " + " | ".join(cells) + " |")
     selection = results["u2a"]["selection"]
-    print(f"\nselected {selection['selected']} of {selection['candidates']} candidates; "
-          f"budget {results['budget']} steps per method")
+    print(
+        f"\nselected {selection['selected']} of {selection['candidates']} candidates; "
+        f"budget {results['budget']} steps per method"
+    )
     print(json.dumps({"data": results["data"]}, indent=None))
     print(f"report: {out / 'report.md'}")
     print(f"wall seconds: {wall:.0f}  load average: {os.getloadavg()[0]:.1f}")

@@ -80,8 +80,11 @@ def build_examples(tokenizer, n: int, tokens: int, prompt_tokens: int) -> tuple[
     data = DataSection(max_length=tokens, max_prompt_length=prompt_tokens)
     if DATA.is_file():
         raw = json.loads(DATA.read_text())
-        pairs = [PreferencePair(r["query"], r["chosen"], r["rejected"], id=str(i)) for i, r in enumerate(raw)
-                 if r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
+        pairs = [
+            PreferencePair(r["query"], r["chosen"], r["rejected"], id=str(i))
+            for i, r in enumerate(raw)
+            if r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]
+        ]
     else:
         gen = torch.Generator().manual_seed(0)
         words = ["alpha", "beta", "gamma", "delta", "omega", "river", "stone", "cloud"]
@@ -108,8 +111,12 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batched forward/backward (fast)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (default 0: every core, timed by the wall clock; 1: process CPU time)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default 0: every core, timed by the wall clock; 1: process CPU time)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,19 +146,38 @@ def main() -> int:
     _, direction = preference_gradient(model, preference, pref_ref, pad_id=pad, beta=0.3)
 
     flops = scoring_flops(*matmul_params(model), forget)
-    print(f"threads: {torch.get_num_threads()} ({'process CPU time' if by_cpu else 'wall clock'})  "
-          f"load average: {os.getloadavg()[0]:.1f}")
+    print(
+        f"threads: {torch.get_num_threads()} ({'process CPU time' if by_cpu else 'wall clock'})  "
+        f"load average: {os.getloadavg()[0]:.1f}"
+    )
     print(f"examples: {args.examples} x {args.tokens} tokens, batch {args.batch_size}, precision {args.precision}")
-    fast_scores(model, forget[: args.batch_size], direction, loss, pad_id=pad, ref_logps=cand_ref,
-                batch_size=args.batch_size, precision=args.precision)  # warm-up
+    fast_scores(
+        model,
+        forget[: args.batch_size],
+        direction,
+        loss,
+        pad_id=pad,
+        ref_logps=cand_ref,
+        batch_size=args.batch_size,
+        precision=args.precision,
+    )  # warm-up
     cpu = {"fast": 0.0, "naive": 0.0}
     wall = {"fast": 0.0, "naive": 0.0}
     fast, naive, peaks = [], [], []
     for start in range(0, args.examples, args.batch_size):
         group = forget[start : start + args.batch_size]
         ref_rows = cand_ref[start : start + args.batch_size]
-        scores, c, w = timed(fast_scores, model, group, direction, loss, pad_id=pad, ref_logps=ref_rows,
-                             batch_size=args.batch_size, precision=args.precision)
+        scores, c, w = timed(
+            fast_scores,
+            model,
+            group,
+            direction,
+            loss,
+            pad_id=pad,
+            ref_logps=ref_rows,
+            batch_size=args.batch_size,
+            precision=args.precision,
+        )
         fast.append(scores)
         cpu["fast"], wall["fast"] = cpu["fast"] + c, wall["fast"] + w
         scores, c, w = timed(naive_scores, model, group, direction, loss, pad_id=pad, ref_logps=ref_rows)
@@ -165,8 +191,10 @@ def main() -> int:
     seconds = cpu if by_cpu else wall
     for name in ("fast", "naive"):
         rate = flops / seconds[name] / 1e9
-        print(f"{name}: {cpu[name]:.2f} s CPU, {wall[name]:.2f} s wall, {seconds[name] / args.examples:.3f} s per "
-              f"example, {rate:.1f} GFLOP/s, {rate / peak:.1%} of the fp32 matmul peak")
+        print(
+            f"{name}: {cpu[name]:.2f} s CPU, {wall[name]:.2f} s wall, {seconds[name] / args.examples:.3f} s per "
+            f"example, {rate:.1f} GFLOP/s, {rate / peak:.1%} of the fp32 matmul peak"
+        )
     print(f"bound (all matmuls at the peak): {flops / peak / 1e9 / args.examples:.3f} s per example")
     print(f"max_rel_diff: {rel:.3e}")
     print(f"fraction_of_matmul_peak: {flops / seconds['fast'] / 1e9 / peak:.3f}")

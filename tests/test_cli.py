@@ -28,9 +28,7 @@ def test_nonexistent_model_path_fails_fast_with_the_path(tmp_path, capsys):
     data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        yaml.safe_dump(
-            {"model": {"name_or_path": "./models/missing"}, "tasks": [{"name": "t", "train": str(data)}]}
-        )
+        yaml.safe_dump({"model": {"name_or_path": "./models/missing"}, "tasks": [{"name": "t", "train": str(data)}]})
     )
     assert main(["train", str(cfg), "--out", str(tmp_path / "out")]) != 0
     assert "models/missing" in capsys.readouterr().err
@@ -111,13 +109,21 @@ def test_module_entry_point_and_report(tmp_path):
     cfg.write_text(yaml.safe_dump(tiny_config(tmp_path, n_tasks=2, train={"max_steps": 2}).model_dump(mode="json")))
     run = subprocess.run(
         [sys.executable, "-m", "lifealign", "run", str(cfg), "--out", str(tmp_path / "r")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| seqft |" in run.stdout
     rep = subprocess.run(
         [sys.executable, "-m", "lifealign", "report", str(tmp_path / "r"), "--out", str(tmp_path / "rep")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert (tmp_path / "rep" / "report.md").exists()

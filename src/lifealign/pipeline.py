@@ -59,8 +59,7 @@ def write_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
 
 def _data_summary(stream: TaskStream) -> dict[str, Any]:
     return {
-        t.name: {"train": len(t.train), "test": len(t.test), "kind": t.kind, "skipped": dict(t.skipped)}
-        for t in stream
+        t.name: {"train": len(t.train), "test": len(t.test), "kind": t.kind, "skipped": dict(t.skipped)} for t in stream
     }
 
 

@@ -94,7 +94,10 @@ def test_trajectory_hash_ignores_logging_keys_only(tmp_path):
 def test_trajectory_hash_ignores_threads_and_covers_one_method_when_given(tmp_path):
     two = load_config(write(tmp_path, "methods:\n  - {name: a, loss: {name: dpo}}\n  - {name: b, loss: {name: ipo}}\n"))
     three = load_config(
-        write(tmp_path, "methods:\n  - {name: a, loss: {name: dpo}}\n  - {name: b, loss: {name: ipo}}\n  - {name: c, loss: {name: fpo}}\n")
+        write(
+            tmp_path,
+            "methods:\n  - {name: a, loss: {name: dpo}}\n  - {name: b, loss: {name: ipo}}\n  - {name: c, loss: {name: fpo}}\n",
+        )
     )
     threads = two.model_copy(update={"train": two.train.model_copy(update={"threads": 1})})
     assert trajectory_hash(two) == trajectory_hash(threads)

@@ -20,8 +20,14 @@ from tests.helpers import synthetic_tasks, tiny_config
 
 PAIRS = [
     PreferencePair(prompt=f"Capital of {c}?", chosen=a, rejected=b, id=c)
-    for c, a, b in [("France", "Paris", "Lyon"), ("Italy", "Rome", "Milan"), ("Spain", "Madrid", "Porto"),
-                    ("Peru", "Lima", "Cusco"), ("Japan", "Tokyo", "Osaka"), ("Chile", "Santiago", "Arica")]
+    for c, a, b in [
+        ("France", "Paris", "Lyon"),
+        ("Italy", "Rome", "Milan"),
+        ("Spain", "Madrid", "Porto"),
+        ("Peru", "Lima", "Cusco"),
+        ("Japan", "Tokyo", "Osaka"),
+        ("Chile", "Santiago", "Arica"),
+    ]
 ]
 
 
@@ -58,8 +64,10 @@ def test_knowledge_retention_by_hand():
     assert knowledge_retention(policy, old, ("chosen",)).tolist() == [1.0, 0.0]
 
 
-@pytest.mark.parametrize(("kwargs", "key"), [({"snapshot": "step"}, "snapshot"), ({"kr_coef": -1}, "kr_coef"),
-                                             ({"alpha_bounds": [2.0, 0.5]}, "alpha_bounds")])
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"snapshot": "step"}, "snapshot"), ({"kr_coef": -1}, "kr_coef"), ({"alpha_bounds": [2.0, 0.5]}, "alpha_bounds")],
+)
 def test_bad_kwargs_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         CPPOPlugin(**kwargs)
@@ -77,8 +85,14 @@ def test_extra_term_makes_the_total_the_authors_weighted_loss(tiny_lora_model, t
     model, tokenizer = tiny_lora_model
     cfg = tiny_config(tmp_path)
     loss = bind_losses([LossTerm(name="dpo", beta=0.1)], "loss")
-    ctx = PluginContext(model=model, tokenizer=tokenizer, task=Task(name="t", train=PAIRS, test=[]), task_index=1,
-                        config=cfg, extras={"loss": loss})
+    ctx = PluginContext(
+        model=model,
+        tokenizer=tokenizer,
+        task=Task(name="t", train=PAIRS, test=[]),
+        task_index=1,
+        config=cfg,
+        extras={"loss": loss},
+    )
     _perturb(model, seed=1)
     plugin = CPPOPlugin(kr_coef=0.1, std_mult=0.5)
     plugin.before_task(ctx)  # π_old = this adapter
@@ -120,8 +134,15 @@ def test_snapshot_is_refreshed_per_task_or_taken_once(tiny_lora_model, tmp_path,
     for i in range(2):
         _perturb(model, seed=i + 5)
         state_at_start = lora_state(model)
-        plugin.before_task(PluginContext(model=model, tokenizer=tokenizer, task=Task(name="t", train=[], test=[]),
-                                         task_index=i, config=tiny_config(tmp_path)))
+        plugin.before_task(
+            PluginContext(
+                model=model,
+                tokenizer=tokenizer,
+                task=Task(name="t", train=[], test=[]),
+                task_index=i,
+                config=tiny_config(tmp_path),
+            )
+        )
         if i == 0:
             first = state_at_start
     want = state_at_start if snapshot == "task" else first
@@ -133,14 +154,22 @@ def test_state_round_trip_restores_the_snapshot(tiny_lora_model, tmp_path):
     model, tokenizer = tiny_lora_model
     _perturb(model, seed=3)
     plugin = CPPOPlugin()
-    plugin.before_task(PluginContext(model=model, tokenizer=tokenizer, task=Task(name="t", train=[], test=[]),
-                                     task_index=0, config=tiny_config(tmp_path)))
+    plugin.before_task(
+        PluginContext(
+            model=model,
+            tokenizer=tokenizer,
+            task=Task(name="t", train=[], test=[]),
+            task_index=0,
+            config=tiny_config(tmp_path),
+        )
+    )
     state = plugin.state_dict()
     json.dumps(state["meta"])
     restored = CPPOPlugin()
     restored.load_state_dict(state)
-    assert restored.snapshot_task == 0 and all(torch.equal(restored.old_state[k], v)
-                                               for k, v in plugin.old_state.items())
+    assert restored.snapshot_task == 0 and all(
+        torch.equal(restored.old_state[k], v) for k, v in plugin.old_state.items()
+    )
     load_lora_state(model, restored.old_state)  # the snapshot is a loadable adapter state
     with pytest.raises(ValueError, match="snapshot"):
         CPPOPlugin(snapshot="once").load_state_dict(state)
@@ -154,7 +183,9 @@ def test_end_to_end_reweights_and_retains_on_the_second_task(tmp_path):
 
     tasks = synthetic_tasks(2, max_train=8, max_test=4)
     cfg = tiny_config(
-        tmp_path, tasks=tasks, train={"max_steps": 2, "save_every": 100, "batch_size": 8},
+        tmp_path,
+        tasks=tasks,
+        train={"max_steps": 2, "save_every": 100, "batch_size": 8},
         method={"name": "cppo", "loss": {"name": "dpo"}, "plugins": [{"name": "cppo", "kr_coef": 10.0}]},
         eval={"scorers": ["pref_acc"], "max_examples": 4},
     )
@@ -167,6 +198,7 @@ def test_end_to_end_reweights_and_retains_on_the_second_task(tmp_path):
     ckpt = Checkpointer(run_dir / "checkpoints").latest()
     restored = CPPOPlugin(kr_coef=10.0)
     tensors = ckpt.tensors("plugins")
-    restored.load_state_dict({"tensors": {k[2:]: v for k, v in tensors.items() if k.startswith("0.")},
-                              "meta": ckpt.state["plugins"][0]})
+    restored.load_state_dict(
+        {"tensors": {k[2:]: v for k, v in tensors.items() if k.startswith("0.")}, "meta": ckpt.state["plugins"][0]}
+    )
     assert restored.snapshot_task == 1 and restored.old_state

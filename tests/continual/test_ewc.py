@@ -27,8 +27,15 @@ def _ctx(model, tokenizer, tmp_path, task_index=0, stage="pref"):
     cfg = tiny_config(tmp_path)
     loss = bind_losses([LossTerm(name="dpo", beta=0.1)], "loss")
     task = Task(name=f"t{task_index}", train=PAIRS, test=[])
-    return PluginContext(model=model, tokenizer=tokenizer, task=task, task_index=task_index, stage=stage,
-                         config=cfg, extras={"loss": loss})
+    return PluginContext(
+        model=model,
+        tokenizer=tokenizer,
+        task=task,
+        task_index=task_index,
+        stage=stage,
+        config=cfg,
+        extras={"loss": loss},
+    )
 
 
 # ----- pure functions --------------------------------------------------------------------------------------------
@@ -54,9 +61,7 @@ def test_fisher_is_the_mean_squared_gradient_on_a_two_parameter_toy():
     assert w.grad is None
 
 
-@pytest.mark.parametrize(
-    ("mode", "expected"), [("sum", [4.0, 6.0]), ("mean", [2.0, 3.0]), ("replace", [3.0, 5.0])]
-)
+@pytest.mark.parametrize(("mode", "expected"), [("sum", [4.0, 6.0]), ("mean", [2.0, 3.0]), ("replace", [3.0, 5.0])])
 def test_fisher_accumulation_modes(mode, expected):
     old, new = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([3.0, 5.0])}
     # running mean with one earlier task: (1·old + new) / 2
@@ -66,8 +71,13 @@ def test_fisher_accumulation_modes(mode, expected):
 
 @pytest.mark.parametrize(
     ("kwargs", "key"),
-    [({"lam": -1.0}, "lam"), ({"n_samples": 0}, "n_samples"), ({"accumulate": "max"}, "accumulate"),
-     ({"stages": ["rl"]}, "stages"), ({"batch_size": 1.5}, "batch_size")],
+    [
+        ({"lam": -1.0}, "lam"),
+        ({"n_samples": 0}, "n_samples"),
+        ({"accumulate": "max"}, "accumulate"),
+        ({"stages": ["rl"]}, "stages"),
+        ({"batch_size": 1.5}, "batch_size"),
+    ],
 )
 def test_bad_kwargs_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
@@ -75,6 +85,7 @@ def test_bad_kwargs_name_the_key(kwargs, key):
 
 
 # ----- the plugin on the tiny model ------------------------------------------------------------------------------
+
 
 def _dpo_losses_oracle(model, tokenizer, cfg, pairs, beta=0.1):
     """Per-pair DPO losses from scratch: summed response log-probs, base reference with the adapter disabled."""
@@ -180,7 +191,9 @@ def test_end_to_end_penalty_grows_on_the_second_task_and_state_resumes(tmp_path)
 
     tasks = synthetic_tasks(2, max_train=6, max_test=4)
     cfg = tiny_config(
-        tmp_path, tasks=tasks, train={"max_steps": 2, "save_every": 100},
+        tmp_path,
+        tasks=tasks,
+        train={"max_steps": 2, "save_every": 100},
         method={"name": "ewc", "loss": {"name": "dpo"}, "plugins": [{"name": "ewc", "lam": 1.0e6, "n_samples": 4}]},
         eval={"scorers": ["pref_acc"], "max_examples": 4},
     )
@@ -193,8 +206,12 @@ def test_end_to_end_penalty_grows_on_the_second_task_and_state_resumes(tmp_path)
     ckpt = Checkpointer(run_dir / "checkpoints").latest()
     restored = EWCPlugin(lam=1.0e6, n_samples=4)
     plugin_tensors = ckpt.tensors("plugins")
-    restored.load_state_dict({"tensors": {k[2:]: v for k, v in plugin_tensors.items() if k.startswith("0.")},
-                              "meta": ckpt.state["plugins"][0]})
+    restored.load_state_dict(
+        {
+            "tensors": {k[2:]: v for k, v in plugin_tensors.items() if k.startswith("0.")},
+            "meta": ckpt.state["plugins"][0],
+        }
+    )
     info = json.loads((run_dir / "run_info.json").read_text())["memory"]["ewc"]
     assert restored.tasks == [0, 1]
     assert restored.memory_report()["fisher"]["sum"] == pytest.approx(info["fisher"]["sum"], rel=1e-6)

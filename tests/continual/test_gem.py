@@ -30,8 +30,15 @@ def _ctx(model, tokenizer, tmp_path, task_index=0, stage="pref"):
     from lifealign.training.plugin import PluginContext
 
     loss = bind_losses([LossTerm(name="dpo", beta=0.1)], "loss")
-    return PluginContext(model=model, tokenizer=tokenizer, task=Task(name=f"t{task_index}", train=PAIRS, test=[]),
-                         task_index=task_index, stage=stage, config=tiny_config(tmp_path), extras={"loss": loss})
+    return PluginContext(
+        model=model,
+        tokenizer=tokenizer,
+        task=Task(name=f"t{task_index}", train=PAIRS, test=[]),
+        task_index=task_index,
+        stage=stage,
+        config=tiny_config(tmp_path),
+        extras={"loss": loss},
+    )
 
 
 def brute_force_projection(g: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -116,15 +123,21 @@ def test_flat_gradient_round_trip_fills_missing_gradients():
     assert a.grad.tolist() == [[0.0, 1.0], [2.0, 3.0]] and b.grad.tolist() == [4.0, 5.0, 6.0]
 
 
-@pytest.mark.parametrize(("cls", "kwargs", "key"), [(GEMPlugin, {"margin": -0.1}, "margin"),
-                                                      (GEMPlugin, {"memory_per_task": 0}, "memory_per_task"),
-                                                      (AGEMPlugin, {"sample_size": 0}, "sample_size")])
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "key"),
+    [
+        (GEMPlugin, {"margin": -0.1}, "margin"),
+        (GEMPlugin, {"memory_per_task": 0}, "memory_per_task"),
+        (AGEMPlugin, {"sample_size": 0}, "sample_size"),
+    ],
+)
 def test_bad_kwargs_name_the_key(cls, kwargs, key):
     with pytest.raises(ValueError, match=key):
         cls(**kwargs)
 
 
 # ----- the plugins on the tiny model -----------------------------------------------------------------------------
+
 
 def _memory_gradient(plugin, ctx):
     params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -205,7 +218,9 @@ def test_end_to_end_projects_on_the_second_task_and_resumes(tmp_path, name):
 
     tasks = synthetic_tasks(2, max_train=6, max_test=4)
     cfg = tiny_config(
-        tmp_path, tasks=tasks, train={"max_steps": 2, "save_every": 100},
+        tmp_path,
+        tasks=tasks,
+        train={"max_steps": 2, "save_every": 100},
         method={"name": name, "loss": {"name": "dpo"}, "plugins": [{"name": name, "memory_per_task": 4}]},
         eval={"scorers": ["pref_acc"], "max_examples": 4},
     )

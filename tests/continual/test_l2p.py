@@ -22,8 +22,13 @@ from tests.helpers import synthetic_tasks, tiny_config
 
 
 def _ctx(model, tokenizer, tmp_path, task_index=0):
-    return PluginContext(model=model, tokenizer=tokenizer, task=Task(name="t", train=[], test=[]),
-                         task_index=task_index, config=tiny_config(tmp_path))
+    return PluginContext(
+        model=model,
+        tokenizer=tokenizer,
+        task=Task(name="t", train=[], test=[]),
+        task_index=task_index,
+        config=tiny_config(tmp_path),
+    )
 
 
 def _prompt_ids(tokenizer, text):
@@ -67,8 +72,15 @@ def test_generation_header_of_the_tiny_chat_template(tiny_model_and_tokenizer):
     assert generation_header(tokenizer) == tokenizer("<|im_start|>assistant\n")["input_ids"]
 
 
-@pytest.mark.parametrize(("kwargs", "key"), [({"top_k": 11}, "top_k"), ({"key_mode": "max"}, "key_mode"),
-                                             ({"train_lora": 1}, "train_lora"), ({"pool_size": 0}, "pool_size")])
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"top_k": 11}, "top_k"),
+        ({"key_mode": "max"}, "key_mode"),
+        ({"train_lora": 1}, "train_lora"),
+        ({"pool_size": 0}, "pool_size"),
+    ],
+)
 def test_bad_kwargs_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         L2PPlugin(**kwargs)
@@ -88,7 +100,7 @@ def _manual_logits(model, plugin, ids, mask):
         logits = model(inputs_embeds=torch.cat([prefix, embeds], dim=1), attention_mask=full_mask).logits
     finally:
         plugin.attach(model)
-    return logits[:, plugin.prefix_length:], indices
+    return logits[:, plugin.prefix_length :], indices
 
 
 def test_hooks_prepend_selected_prompts_and_keep_the_callers_length(tiny_lora_model, tmp_path):
@@ -123,8 +135,15 @@ def test_generation_matches_a_manual_no_cache_forward(tiny_lora_model, tmp_path)
     plugin.before_task(_ctx(model, tokenizer, tmp_path))
     ids = torch.tensor([_prompt_ids(tokenizer, "Name a colour.")])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
         for step, step_logits in enumerate(out.logits):
             prefix = out.sequences[:, : ids.shape[1] + step]
             # the query is the prompt (up to the header) whatever has been generated after it
@@ -195,9 +214,14 @@ def test_end_to_end_interrupted_mid_stage_resumes_to_the_same_pool(tmp_path, mon
 
     def cfg(out):
         return tiny_config(
-            out, tasks=tasks, train={"max_steps": 2, "save_every": 1},
-            method={"name": "l2p", "loss": {"name": "dpo"},
-                    "plugins": [{"name": "l2p", "pool_size": 4, "prompt_length": 2, "top_k": 2}]},
+            out,
+            tasks=tasks,
+            train={"max_steps": 2, "save_every": 1},
+            method={
+                "name": "l2p",
+                "loss": {"name": "dpo"},
+                "plugins": [{"name": "l2p", "pool_size": 4, "prompt_length": 2, "top_k": 2}],
+            },
             eval={"scorers": ["pref_acc"], "max_examples": 4},
         )
 

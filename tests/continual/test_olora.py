@@ -14,8 +14,13 @@ from tests.helpers import synthetic_tasks, tiny_config
 
 
 def _ctx(model, tokenizer, tmp_path, task_index=0, n_tasks=2):
-    return PluginContext(model=model, tokenizer=tokenizer, task=Task(name=f"t{task_index}", train=[], test=[]),
-                         task_index=task_index, config=tiny_config(tmp_path, n_tasks=n_tasks))
+    return PluginContext(
+        model=model,
+        tokenizer=tokenizer,
+        task=Task(name=f"t{task_index}", train=[], test=[]),
+        task_index=task_index,
+        config=tiny_config(tmp_path, n_tasks=n_tasks),
+    )
 
 
 def _logits(model, ids):
@@ -54,8 +59,12 @@ def test_l2_penalty_by_hand():
 
 def test_folded_factors_reproduce_the_summed_updates():
     gen = torch.Generator().manual_seed(0)
-    a1, b1, a2, b2 = torch.randn(2, 4, generator=gen), torch.randn(3, 2, generator=gen), \
-        torch.randn(2, 4, generator=gen), torch.randn(3, 2, generator=gen)
+    a1, b1, a2, b2 = (
+        torch.randn(2, 4, generator=gen),
+        torch.randn(3, 2, generator=gen),
+        torch.randn(2, 4, generator=gen),
+        torch.randn(3, 2, generator=gen),
+    )
     old_a, old_b = fold_factors(None, None, a1, b1, 2.0)
     old_a, old_b = fold_factors(old_a, old_b, a2, b2, 2.0)
     assert old_a.shape == (4, 4) and old_b.shape == (3, 4)
@@ -166,7 +175,9 @@ def test_end_to_end_interrupted_before_evaluation_resumes_to_the_same_scores(tmp
 
     def cfg(out):
         return tiny_config(
-            out, tasks=tasks, train={"max_steps": 2, "save_every": 100},
+            out,
+            tasks=tasks,
+            train={"max_steps": 2, "save_every": 100},
             method={"name": "olora", "loss": {"name": "dpo"}, "plugins": [{"name": "olora"}]},
             eval={"scorers": ["pref_acc"], "max_examples": 4},
         )

@@ -53,8 +53,12 @@ def test_tokenised_pairs_collate_with_one_completion_token_per_response_id():
     """End to end with the tiny tokenizer: completion tokens per row = len(<side>_ids); the EOS (256) is in the
     completion even though pad (257) differs, and every row starts with the same prompt ids as its pair."""
     tokenizer = tiny_tokenizer()
-    ts = tokenize_pairs([PreferencePair("ab", "cde", "f"), PreferencePair("xyz", "", "gh", id="neg")], tokenizer,
-                        DataSection(use_chat_template=False), sides=("rejected",))
+    ts = tokenize_pairs(
+        [PreferencePair("ab", "cde", "f"), PreferencePair("xyz", "", "gh", id="neg")],
+        tokenizer,
+        DataSection(use_chat_template=False),
+        sides=("rejected",),
+    )
     batch = collate_pairs(ts.examples, pad_id=tokenizer.pad_token_id, sides=ts.sides)
     assert batch["completion_mask"].sum(dim=1).tolist() == [2, 3]  # "f"+EOS, "gh"+EOS
     assert batch["input_ids"][0].tolist()[:4] == [97, 98, 102, 256]

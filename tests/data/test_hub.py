@@ -48,8 +48,15 @@ HH_ROWS = [
 
 
 def test_registry_has_the_short_names():
-    assert set(HUB_DATASETS) == {"hh-rlhf-harmless-base", "hh-rlhf-helpful-base", "pku-saferlhf", "ultrafeedback",
-                                 "truthfulqa", "hc3", "capybara"}
+    assert set(HUB_DATASETS) == {
+        "hh-rlhf-harmless-base",
+        "hh-rlhf-helpful-base",
+        "pku-saferlhf",
+        "ultrafeedback",
+        "truthfulqa",
+        "hc3",
+        "capybara",
+    }
 
 
 def test_full_hub_id_and_unknown_names():
@@ -71,24 +78,33 @@ def test_hh_split_is_at_the_last_assistant_turn():
 
 def test_hh_mapper_shares_the_prompt_or_filters():
     pair = map_hh_rlhf(HH_ROWS[0])
-    assert pair == PreferencePair(prompt=split_hh_dialogue(HH_SHARED + " x")[0], chosen="I can't help with that.",
-                                  rejected="Use a tension wrench.")
+    assert pair == PreferencePair(
+        prompt=split_hh_dialogue(HH_SHARED + " x")[0],
+        chosen="I can't help with that.",
+        rejected="Use a tension wrench.",
+    )
     assert map_hh_rlhf(HH_ROWS[1]) is None  # the two dialogues differ before the last assistant turn
 
 
 def test_pku_keeps_rows_with_exactly_one_safe_response():
     row = {"prompt": "P", "response_0": "r0", "response_1": "r1"}
-    assert map_pku_saferlhf({**row, "is_response_0_safe": True, "is_response_1_safe": False}) == \
-        PreferencePair("P", "r0", "r1")
-    assert map_pku_saferlhf({**row, "is_response_0_safe": False, "is_response_1_safe": True}) == \
-        PreferencePair("P", "r1", "r0")
+    assert map_pku_saferlhf({**row, "is_response_0_safe": True, "is_response_1_safe": False}) == PreferencePair(
+        "P", "r0", "r1"
+    )
+    assert map_pku_saferlhf({**row, "is_response_0_safe": False, "is_response_1_safe": True}) == PreferencePair(
+        "P", "r1", "r0"
+    )
     assert map_pku_saferlhf({**row, "is_response_0_safe": True, "is_response_1_safe": True}) is None
     assert map_pku_saferlhf({**row, "is_response_0_safe": False, "is_response_1_safe": False}) is None
 
 
 def test_ultrafeedback_takes_the_last_assistant_message():
-    row = {"prompt": "Q", "chosen": [msg("user", "Q"), msg("assistant", "good")],
-           "rejected": [msg("user", "Q"), msg("assistant", "bad")], "score_chosen": 8.0}
+    row = {
+        "prompt": "Q",
+        "chosen": [msg("user", "Q"), msg("assistant", "good")],
+        "rejected": [msg("user", "Q"), msg("assistant", "bad")],
+        "score_chosen": 8.0,
+    }
     assert map_ultrafeedback(row) == PreferencePair("Q", "good", "bad")
 
 
@@ -122,25 +138,45 @@ def load(name, split, tmp_path, data_files, **kwargs):
 
 def test_hh_rlhf_from_jsonl_counts_filtered_rows(tmp_path):
     result = load("hh-rlhf-helpful-base", "test", tmp_path, write_jsonl(tmp_path / "hh.jsonl", HH_ROWS), task="hh")
-    assert [(r.chosen, r.rejected, r.task, r.id) for r in result.records] == \
-        [("I can't help with that.", "Use a tension wrench.", "hh", "hh-rlhf-helpful-base:test:0")]
+    assert [(r.chosen, r.rejected, r.task, r.id) for r in result.records] == [
+        ("I can't help with that.", "Use a tension wrench.", "hh", "hh-rlhf-helpful-base:test:0")
+    ]
     assert result.notes == {"filtered": 1} and result.skipped == {} and result.n_read == 2
 
 
 def test_pku_saferlhf_from_parquet_validates_like_files(tmp_path):
-    base = {"prompt": "P", "response_0": "safe", "response_1": "unsafe", "is_response_0_safe": True,
-            "is_response_1_safe": False}
-    rows = [base, {**base, "is_response_1_safe": True}, {**base, "prompt": "Q", "response_0": "  "},
-            base, {**base, "prompt": "R", "is_response_0_safe": False, "is_response_1_safe": True}]
+    base = {
+        "prompt": "P",
+        "response_0": "safe",
+        "response_1": "unsafe",
+        "is_response_0_safe": True,
+        "is_response_1_safe": False,
+    }
+    rows = [
+        base,
+        {**base, "is_response_1_safe": True},
+        {**base, "prompt": "Q", "response_0": "  "},
+        base,
+        {**base, "prompt": "R", "is_response_0_safe": False, "is_response_1_safe": True},
+    ]
     result = load("pku-saferlhf", "train", tmp_path, write_parquet(tmp_path / "pku.parquet", rows))
-    assert [(r.prompt, r.chosen, r.rejected) for r in result.records] == [("P", "safe", "unsafe"),
-                                                                         ("R", "unsafe", "safe")]
+    assert [(r.prompt, r.chosen, r.rejected) for r in result.records] == [
+        ("P", "safe", "unsafe"),
+        ("R", "unsafe", "safe"),
+    ]
     assert result.skipped == {"empty_response": 1, "duplicate_pair": 1} and result.notes == {"filtered": 1}
 
 
 def test_ultrafeedback_split_names_map_to_prefs(tmp_path):
-    rows = [{"prompt": f"Q{i}", "prompt_id": str(i), "chosen": [msg("user", f"Q{i}"), msg("assistant", "good")],
-             "rejected": [msg("user", f"Q{i}"), msg("assistant", "bad")]} for i in range(2)]
+    rows = [
+        {
+            "prompt": f"Q{i}",
+            "prompt_id": str(i),
+            "chosen": [msg("user", f"Q{i}"), msg("assistant", "good")],
+            "rejected": [msg("user", f"Q{i}"), msg("assistant", "bad")],
+        }
+        for i in range(2)
+    ]
     files = write_parquet(tmp_path / "uf.parquet", rows)
     result = load("ultrafeedback", "test", tmp_path, {"test_prefs": files})
     assert [r.id for r in result.records] == ["ultrafeedback:test_prefs:0", "ultrafeedback:test_prefs:1"]
@@ -149,8 +185,18 @@ def test_ultrafeedback_split_names_map_to_prefs(tmp_path):
 
 def test_truthfulqa_holds_out_every_tenth_row(tmp_path):
     """12 validation rows: test = rows 0 and 10; train = the other 10."""
-    rows = [{"type": "Adversarial", "category": "c", "question": f"Q{i}", "best_answer": f"T{i}",
-             "correct_answers": [f"T{i}"], "incorrect_answers": [f"F{i}a", f"F{i}b"], "source": "s"} for i in range(12)]
+    rows = [
+        {
+            "type": "Adversarial",
+            "category": "c",
+            "question": f"Q{i}",
+            "best_answer": f"T{i}",
+            "correct_answers": [f"T{i}"],
+            "incorrect_answers": [f"F{i}a", f"F{i}b"],
+            "source": "s",
+        }
+        for i in range(12)
+    ]
     files = write_jsonl(tmp_path / "tqa.jsonl", rows)
     test = load("truthfulqa", "test", tmp_path, files)
     train = load("truthfulqa", "train", tmp_path, files)
@@ -160,25 +206,41 @@ def test_truthfulqa_holds_out_every_tenth_row(tmp_path):
 
 
 def test_hc3_and_capybara_from_files(tmp_path):
-    hc3 = [{"id": str(i), "question": f"Q{i}", "human_answers": [f"h{i}"], "chatgpt_answers": [f"c{i}"]}
-           for i in range(3)]
+    hc3 = [
+        {"id": str(i), "question": f"Q{i}", "human_answers": [f"h{i}"], "chatgpt_answers": [f"c{i}"]} for i in range(3)
+    ]
     result = load("hc3", "train", tmp_path, write_jsonl(tmp_path / "hc3.jsonl", hc3))
     assert [(r.prompt, r.chosen, r.rejected) for r in result.records] == [("Q1", "h1", "c1"), ("Q2", "h2", "c2")]
     shared = [msg("user", "U")]
-    capy = [{"source": "s", "chosen": shared + [msg("assistant", f"g{i}")],
-             "rejected": shared + [msg("assistant", f"b{i}")]} for i in range(2)]
+    capy = [
+        {
+            "source": "s",
+            "chosen": shared + [msg("assistant", f"g{i}")],
+            "rejected": shared + [msg("assistant", f"b{i}")],
+        }
+        for i in range(2)
+    ]
     result = load("capybara", "test", tmp_path, write_parquet(tmp_path / "capy.parquet", capy))
     assert [(r.prompt, r.chosen) for r in result.records] == [(shared, "g0")]
 
 
 def test_schema_errors_name_the_row_or_are_skipped(tmp_path):
-    rows = [{"prompt": "P", "response_0": "a", "response_1": "b", "is_response_0_safe": True,
-             "is_response_1_safe": False},
-            {"prompt": "P2", "response_0": None, "response_1": "b", "is_response_0_safe": True,
-             "is_response_1_safe": False}]
+    rows = [
+        {"prompt": "P", "response_0": "a", "response_1": "b", "is_response_0_safe": True, "is_response_1_safe": False},
+        {
+            "prompt": "P2",
+            "response_0": None,
+            "response_1": "b",
+            "is_response_0_safe": True,
+            "is_response_1_safe": False,
+        },
+    ]
     files = write_jsonl(tmp_path / "pku.jsonl", rows)
-    with pytest.raises(DataError, match=r"pku-saferlhf:train row 1: chosen: expected a string or a list of "
-                                        r"messages, got null"):
+    with pytest.raises(
+        DataError,
+        match=r"pku-saferlhf:train row 1: chosen: expected a string or a list of "
+        r"messages, got null",
+    ):
         load("pku-saferlhf", "train", tmp_path, files)
     result = load("pku-saferlhf", "train", tmp_path, files, on_invalid="skip")
     assert len(result.records) == 1 and result.skipped == {"wrong_type": 1}

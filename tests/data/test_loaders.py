@@ -42,7 +42,9 @@ def test_malformed_json_names_line_and_column(tmp_path, newline, bom):
     col = bad.index(",}") + 2  # 1-based column of the "}" that follows the comma
     with pytest.raises(DataError) as err:
         load_records(path)
-    assert f"task1.jsonl:17: invalid JSON: Expecting property name enclosed in double quotes (col {col})" in str(err.value)
+    assert f"task1.jsonl:17: invalid JSON: Expecting property name enclosed in double quotes (col {col})" in str(
+        err.value
+    )
 
 
 def test_bom_and_crlf_records_load_with_their_line_ids(tmp_path):
@@ -79,7 +81,7 @@ def test_json_list_syntax_error_line_and_column(tmp_path):
 
 def test_json_list_missing_comma_between_records(tmp_path):
     path = tmp_path / "x.json"
-    path.write_text('[\n' + rec() + '\n' + rec(prompt="q") + '\n]')
+    path.write_text("[\n" + rec() + "\n" + rec(prompt="q") + "\n]")
     with pytest.raises(DataError, match=r"x\.json:3: invalid JSON: expected ',' or ']' after a record \(col 1\)"):
         load_records(path)
 
@@ -97,14 +99,14 @@ def test_truncated_last_jsonl_line_is_an_error_or_a_counted_skip(tmp_path):
 
 def test_truncated_json_list_is_fatal(tmp_path):
     path = tmp_path / "t.json"
-    path.write_text('[\n' + rec() + ',\n{"prompt": "p",')
+    path.write_text("[\n" + rec() + ',\n{"prompt": "p",')
     with pytest.raises(DataError, match=r"t\.json:3: truncated record"):
         load_records(path, on_invalid="skip")
 
 
 def test_unclosed_json_list_is_fatal(tmp_path):
     path = tmp_path / "t.json"
-    path.write_text('[\n' + rec() + '\n')
+    path.write_text("[\n" + rec() + "\n")
     with pytest.raises(DataError, match="never closed"):
         load_records(path)
 
@@ -126,16 +128,27 @@ def test_missing_field_names_field_and_expected_set(tmp_path):
     path = write_lines(tmp_path / "t.jsonl", [rec(), json.dumps({"prompt": "p", "chosen": "a"})])
     with pytest.raises(DataError) as err:
         load_records(path)
-    assert f"{path}:2: rejected: missing required field 'rejected' (expected prompt, chosen, rejected)" in str(err.value)
+    assert f"{path}:2: rejected: missing required field 'rejected' (expected prompt, chosen, rejected)" in str(
+        err.value
+    )
 
 
-@pytest.mark.parametrize("record,message", [
-    ({"prompt": "p", "chosen": 42, "rejected": "b"}, "chosen: expected a string or a list of messages, got integer (42)"),
-    ({"prompt": "p", "chosen": None, "rejected": "b"}, "chosen: expected a string or a list of messages, got null"),
-    ({"prompt": ["a"], "chosen": "a", "rejected": "b"}, "prompt[0]: expected a message object, got string"),
-    ({"prompt": {"x": 1}, "chosen": "a", "rejected": "b"}, "prompt: expected a string or a list of messages, got object"),
-    ("just text", "record: expected a JSON object, got string"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        (
+            {"prompt": "p", "chosen": 42, "rejected": "b"},
+            "chosen: expected a string or a list of messages, got integer (42)",
+        ),
+        ({"prompt": "p", "chosen": None, "rejected": "b"}, "chosen: expected a string or a list of messages, got null"),
+        ({"prompt": ["a"], "chosen": "a", "rejected": "b"}, "prompt[0]: expected a message object, got string"),
+        (
+            {"prompt": {"x": 1}, "chosen": "a", "rejected": "b"},
+            "prompt: expected a string or a list of messages, got object",
+        ),
+        ("just text", "record: expected a JSON object, got string"),
+    ],
+)
 def test_wrong_type_names_field_and_actual_type(tmp_path, record, message):
     path = write_lines(tmp_path / "t.jsonl", [json.dumps(record)])
     with pytest.raises(DataError) as err:
@@ -144,8 +157,13 @@ def test_wrong_type_names_field_and_actual_type(tmp_path, record, message):
 
 
 def test_skip_mode_counts_schema_errors_by_reason(tmp_path):
-    lines = [rec(prompt="ok1"), '{"prompt": ', json.dumps({"prompt": "p", "chosen": "a"}),
-             json.dumps({"prompt": "p", "chosen": 1, "rejected": "b"}), rec(prompt="ok2")]
+    lines = [
+        rec(prompt="ok1"),
+        '{"prompt": ',
+        json.dumps({"prompt": "p", "chosen": "a"}),
+        json.dumps({"prompt": "p", "chosen": 1, "rejected": "b"}),
+        rec(prompt="ok2"),
+    ]
     result = load_records(write_lines(tmp_path / "t.jsonl", lines), on_invalid="skip")
     assert [r.prompt for r in result.records] == ["ok1", "ok2"]
     assert result.skipped == {"invalid_json": 1, "missing_field": 1, "wrong_type": 1}
@@ -179,7 +197,7 @@ def test_non_utf8_byte_names_line_and_byte_offset(tmp_path):
 
 def test_non_utf8_in_json_list_is_fatal_with_line(tmp_path):
     path = tmp_path / "t.json"
-    path.write_bytes(b'[\n' + rec().encode() + b',\n{"prompt": "\xfe", "chosen": "a", "rejected": "b"}\n]')
+    path.write_bytes(b"[\n" + rec().encode() + b',\n{"prompt": "\xfe", "chosen": "a", "rejected": "b"}\n]')
     with pytest.raises(DataError, match=r"t\.json:3: invalid UTF-8 at byte offset 12 \(byte 0xfe\)"):
         load_records(path, on_invalid="skip")
 
@@ -198,8 +216,14 @@ def test_lone_surrogate_and_nul_are_rejected_with_field(tmp_path):
 
 
 def test_no_signal_records_are_always_skipped_and_counted(tmp_path):
-    lines = [rec(prompt="keep"), rec(chosen=""), rec(rejected="  \n\t"), rec(chosen="same", rejected="same"),
-             rec(prompt="keep"), rec(prompt="keep2")]
+    lines = [
+        rec(prompt="keep"),
+        rec(chosen=""),
+        rec(rejected="  \n\t"),
+        rec(chosen="same", rejected="same"),
+        rec(prompt="keep"),
+        rec(prompt="keep2"),
+    ]
     result = load_records(write_lines(tmp_path / "t.jsonl", lines))  # on_invalid="error" does not matter here
     assert result.skipped == {"empty_response": 2, "identical_pair": 1, "duplicate_pair": 1}
     assert [r.id for r in result.records] == ["t:1", "t:6"]  # the first of the duplicates is kept
@@ -251,8 +275,9 @@ def test_query_maps_to_prompt_automatically(tmp_path):
 
 def test_explicit_column_mapping(tmp_path):
     line = json.dumps({"question": "Q", "good": "a", "bad": "b"})
-    result = load_records(write_lines(tmp_path / "t.jsonl", [line]),
-                          columns={"question": "prompt", "good": "chosen", "bad": "rejected"})
+    result = load_records(
+        write_lines(tmp_path / "t.jsonl", [line]), columns={"question": "prompt", "good": "chosen", "bad": "rejected"}
+    )
     pair = result.records[0]
     assert (pair.prompt, pair.chosen, pair.rejected) == ("Q", "a", "b")
 
@@ -284,16 +309,19 @@ def test_implicit_prompt_is_the_shared_turns_before_the_reply(tmp_path):
     assert pair.prompt == shared and (pair.chosen, pair.rejected) == ("good", "bad")
 
 
-@pytest.mark.parametrize("prompt,chosen,message", [
-    ([msg("user", "a"), msg("user", "b")], "x", "prompt[1].role: role 'user' out of order (expected 'assistant')"),
-    ([msg("user", "a"), msg("assistant", "b")], "x", "prompt[1].role: a prompt must end with a user message"),
-    ([msg("user", "a"), msg("system", "s")], "x", "prompt[1].role: role 'system' out of order"),
-    ([msg("tool", "a")], "x", "prompt[0].role: unsupported role 'tool'"),
-    ([{"role": "user", "content": 3}], "x", "prompt[0].content: expected a string, got integer"),
-    ([{"content": "a"}], "x", "prompt[0].role: missing 'role'"),
-    ([], "x", "prompt: empty message list"),
-    ([msg("user", "a")], [msg("user", "x")], "chosen[0].role: the last message must be the assistant's"),
-])
+@pytest.mark.parametrize(
+    "prompt,chosen,message",
+    [
+        ([msg("user", "a"), msg("user", "b")], "x", "prompt[1].role: role 'user' out of order (expected 'assistant')"),
+        ([msg("user", "a"), msg("assistant", "b")], "x", "prompt[1].role: a prompt must end with a user message"),
+        ([msg("user", "a"), msg("system", "s")], "x", "prompt[1].role: role 'system' out of order"),
+        ([msg("tool", "a")], "x", "prompt[0].role: unsupported role 'tool'"),
+        ([{"role": "user", "content": 3}], "x", "prompt[0].content: expected a string, got integer"),
+        ([{"content": "a"}], "x", "prompt[0].role: missing 'role'"),
+        ([], "x", "prompt: empty message list"),
+        ([msg("user", "a")], [msg("user", "x")], "chosen[0].role: the last message must be the assistant's"),
+    ],
+)
 def test_bad_chat_messages_name_the_message(tmp_path, prompt, chosen, message):
     line = json.dumps({"prompt": prompt, "chosen": chosen, "rejected": "r"})
     path = write_lines(tmp_path / "t.jsonl", [line])
@@ -361,8 +389,11 @@ def test_load_task_without_test_file_has_no_test_split(tmp_path):
 
 def test_task_with_zero_usable_records_is_an_error(tmp_path):
     path = write_lines(tmp_path / "t.jsonl", [rec(chosen=""), rec(chosen="x", rejected="x")])
-    with pytest.raises(DataError, match=r"task 'a' has 0 usable train records \(2 skipped: empty_response=1, "
-                                        r"identical_pair=1\)"):
+    with pytest.raises(
+        DataError,
+        match=r"task 'a' has 0 usable train records \(2 skipped: empty_response=1, "
+        r"identical_pair=1\)",
+    ):
         load_task(TaskSection(name="a", train=str(path)), DataSection(max_skipped_fraction=1.0))
 
 
@@ -379,8 +410,10 @@ def test_missing_file_or_directory_names_task_and_key(tmp_path):
     with pytest.raises(DataError, match=r"task 'a': tasks\[\]\.train '.*nope\.jsonl' not found"):
         load_task(TaskSection(name="a", train=str(tmp_path / "nope.jsonl")), DataSection())
     with pytest.raises(DataError, match=r"task 'a': tasks\[\]\.test '.*' is not a file"):
-        load_task(TaskSection(name="a", train=str(write_lines(tmp_path / "t.jsonl", distinct(1))),
-                              test=str(tmp_path)), DataSection())
+        load_task(
+            TaskSection(name="a", train=str(write_lines(tmp_path / "t.jsonl", distinct(1))), test=str(tmp_path)),
+            DataSection(),
+        )
     with pytest.raises(DataError, match="data file not found"):
         load_records(tmp_path / "nope.jsonl")
 
@@ -453,7 +486,10 @@ def test_inspect_file_token_lengths_with_the_tiny_tokenizer(tmp_path):
     """Plain text, byte tokens: prompt "abc" -> 3, chosen "good" + EOS -> 5, rejected "bad" + EOS -> 4."""
     from lifealign.models.tiny import tiny_tokenizer
 
-    d = inspect_file(write_lines(tmp_path / "t.jsonl", [rec(prompt="abc")]), tokenizer=tiny_tokenizer(),
-                     data=DataSection(use_chat_template=False))
+    d = inspect_file(
+        write_lines(tmp_path / "t.jsonl", [rec(prompt="abc")]),
+        tokenizer=tiny_tokenizer(),
+        data=DataSection(use_chat_template=False),
+    )
     assert [d["tokens"][k]["max"] for k in ("prompt", "chosen", "rejected")] == [3, 5, 4]
     assert "length (tokens)" in format_inspection(d)

@@ -46,8 +46,9 @@ HH_SHAPE = [
 
 
 @pytest.mark.parametrize("task,split,kept,chosen_tagged,rejected_tagged", HH_SHAPE)
-def test_hh_prompts_are_dialogues_and_replies_carry_the_assistant_tag(task, split, kept, chosen_tagged,
-                                                                      rejected_tagged):
+def test_hh_prompts_are_dialogues_and_replies_carry_the_assistant_tag(
+    task, split, kept, chosen_tagged, rejected_tagged
+):
     """What the files actually hold: every prompt is a "Human: ..." transcript that stops BEFORE the final
     "Assistant:" (none ends with it); most replies start with "Assistant: " instead (the rest were cut elsewhere
     when the authors split the dialogue)."""
@@ -60,16 +61,27 @@ def test_hh_prompts_are_dialogues_and_replies_carry_the_assistant_tag(task, spli
 
 
 def test_load_task_on_real_files_with_limits():
-    section = TaskSection(name="safe", train=str(DATA / "safe-rlhf/train.json"),
-                          test=str(DATA / "safe-rlhf/test.json"), max_train=100, max_test=20)
+    section = TaskSection(
+        name="safe",
+        train=str(DATA / "safe-rlhf/train.json"),
+        test=str(DATA / "safe-rlhf/test.json"),
+        max_train=100,
+        max_test=20,
+    )
     task = load_task(section, DataSection())
     assert (len(task.train), len(task.test)) == (100, 20)
     assert task.skipped == {"empty_response": 14} and {r.task for r in task.train} == {"safe"}
 
 
-@pytest.mark.parametrize("task,medians", [("hh-rlhf-harmless-base", (318, 120, 153)),
-                                          ("hh-rlhf-helpful-base", (404, 175, 133)),
-                                          ("safe-rlhf", (126, 408, 477)), ("TruthfulQA", (50, 51, 173))])
+@pytest.mark.parametrize(
+    "task,medians",
+    [
+        ("hh-rlhf-harmless-base", (318, 120, 153)),
+        ("hh-rlhf-helpful-base", (404, 175, 133)),
+        ("safe-rlhf", (126, 408, 477)),
+        ("TruthfulQA", (50, 51, 173)),
+    ],
+)
 def test_inspect_medians_match_the_readme(task, medians):
     """The README's medians are over all records, rounded (helpful prompts: 403.5 -> 404); the 6 skipped identical
     pairs move the helpful prompt median to 402.5, so the tolerance is 1.5 characters."""

@@ -34,7 +34,10 @@ def as_tuples(task: Task) -> list[tuple]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_same_seed_same_task_other_seed_other_task(name: str) -> None:
-    a, b = make_synthetic_task(name, seed=3, n_train=32, n_test=8), make_synthetic_task(name, seed=3, n_train=32, n_test=8)
+    a, b = (
+        make_synthetic_task(name, seed=3, n_train=32, n_test=8),
+        make_synthetic_task(name, seed=3, n_train=32, n_test=8),
+    )
     assert as_tuples(a) == as_tuples(b)
     other = make_synthetic_task(name, seed=4, n_train=32, n_test=8)
     assert [p.prompt for p in other.train] != [p.prompt for p in a.train]
@@ -128,7 +131,9 @@ def test_pairs_share_content_and_conflict_on_style() -> None:
     assert all(p.chosen == p.rejected.upper() and p.rejected != p.chosen for p in train("warnings"))
     assert all(p.rejected == p.chosen.upper() and p.rejected != p.chosen for p in train("support"))
     assert all(p.rejected.endswith(SIGN_OFF) for p in train("safety"))
-    assert all(re.search(r"\b(my|me)\b", p.prompt) and not re.search(r"\b(my|me)\b", p.rejected) for p in train("safety"))
+    assert all(
+        re.search(r"\b(my|me)\b", p.prompt) and not re.search(r"\b(my|me)\b", p.rejected) for p in train("safety")
+    )
 
 
 def test_make_pair_depends_only_on_the_rng() -> None:

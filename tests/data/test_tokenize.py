@@ -58,8 +58,15 @@ def merging_tokenizer() -> PreTrainedTokenizerFast:
 
 def test_plain_text_prompt_and_eos_appended(tok):
     ts = tokenize_pairs([PreferencePair("ab", "cd", "e", id="r0")], tok, PLAIN)
-    assert ts.examples == [{"id": "r0", "index": 0, "prompt_ids": ids("ab"), "chosen_ids": ids("cd") + [EOS],
-                            "rejected_ids": ids("e") + [EOS]}]
+    assert ts.examples == [
+        {
+            "id": "r0",
+            "index": 0,
+            "prompt_ids": ids("ab"),
+            "chosen_ids": ids("cd") + [EOS],
+            "rejected_ids": ids("e") + [EOS],
+        }
+    ]
 
 
 def test_eos_is_not_doubled_when_the_response_already_ends_with_it(tok):
@@ -76,11 +83,16 @@ def test_chat_template_renders_a_string_prompt_as_a_user_turn(tok):
 
 
 def test_conversational_prompt_keeps_every_turn(tok):
-    prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-              {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+    prompt = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "V"},
+    ]
     example = tokenize_pairs([PreferencePair(prompt, "c", "r")], tok, CHAT).examples[0]
-    assert example["prompt_ids"] == (chatml("system", "S") + chatml("user", "U") + chatml("assistant", "A")
-                                     + chatml("user", "V") + GENERATION_PROMPT)
+    assert example["prompt_ids"] == (
+        chatml("system", "S") + chatml("user", "U") + chatml("assistant", "A") + chatml("user", "V") + GENERATION_PROMPT
+    )
     assert example["chosen_ids"] == ids("c") + [IM_END, NL]
 
 
@@ -111,24 +123,34 @@ def as_trl_row(pair: PreferencePair, chat: bool) -> dict:
     if not chat:
         return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
     prompt = [{"role": "user", "content": pair.prompt}] if isinstance(pair.prompt, str) else pair.prompt
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": pair.chosen}],
-            "rejected": [{"role": "assistant", "content": pair.rejected}]}
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": pair.chosen}],
+        "rejected": [{"role": "assistant", "content": pair.rejected}],
+    }
 
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_ids_equal_trl_dpo_trainer(tok, chat):
     """Our ids are trl's on the same records (string prompts in chat mode = trl on their conversational form)."""
-    pairs = [PreferencePair("What is 2+2?", "4", "5"), PreferencePair("Été — ünïcode ✓ ", "oui", "non merci"),
-             PreferencePair([{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
-                             {"role": "user", "content": "V"}], "yes", "no") if chat else
-             PreferencePair("tail", "x<|endoftext|>", "y")]
+    pairs = [
+        PreferencePair("What is 2+2?", "4", "5"),
+        PreferencePair("Été — ünïcode ✓ ", "oui", "non merci"),
+        PreferencePair(
+            [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}],
+            "yes",
+            "no",
+        )
+        if chat
+        else PreferencePair("tail", "x<|endoftext|>", "y"),
+    ]
     ours = tokenize_pairs(pairs, tok, CHAT if chat else PLAIN).examples
     oracle = trl_tokenize([as_trl_row(p, chat) for p in pairs], tok)
     assert [{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in ours] == oracle
 
 
 def test_merge_across_boundary_equals_trl_and_is_counted(caplog):
-    """"xa" -> [x, a]; "xaby</s>" -> [x, ab, y, </s>]: the common prefix is [x], so trl and we start the response
+    """ "xa" -> [x, a]; "xaby</s>" -> [x, ab, y, </s>]: the common prefix is [x], so trl and we start the response
     at "ab" and leave the prompt's "a" out; we count it."""
     tokenizer = merging_tokenizer()
     pairs = [PreferencePair("xa", "by", "b")]
@@ -149,7 +171,8 @@ def test_template_rendering_the_prompt_differently_is_counted(tok):
     generation_prompt = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     assert generation_prompt in tokenizer.chat_template
     tokenizer.chat_template = tokenizer.chat_template.replace(
-        generation_prompt, "{% if add_generation_prompt %}{{ '<|im_start|>assistant\nTHINK\n' }}{% endif %}")
+        generation_prompt, "{% if add_generation_prompt %}{{ '<|im_start|>assistant\nTHINK\n' }}{% endif %}"
+    )
     ts = tokenize_pairs([PreferencePair("hi", "yo", "no"), PreferencePair("ho", "ya", "na")], tokenizer, CHAT)
     assert ts.stats["prompt_not_prefix"] == 2
     assert ts.examples[0]["prompt_ids"] == chatml("user", "hi") + GENERATION_PROMPT
@@ -181,8 +204,11 @@ def test_prompt_leaving_fewer_than_min_response_tokens_is_skipped(tok):
     """max_length 10, max_prompt_length 8, min 3: prompts of 8 and 9 tokens (-> 8) leave 2 < 3 and are skipped;
     a 7-token prompt leaves exactly 3."""
     data = DataSection(max_length=10, max_prompt_length=8, min_response_tokens=3, use_chat_template=False)
-    pairs = [PreferencePair("a" * 8, "long answer", "other"), PreferencePair("b" * 7, "long answer", "other"),
-             PreferencePair("c" * 9, "x", "y")]
+    pairs = [
+        PreferencePair("a" * 8, "long answer", "other"),
+        PreferencePair("b" * 7, "long answer", "other"),
+        PreferencePair("c" * 9, "x", "y"),
+    ]
     ts = tokenize_pairs(pairs, tok, data)
     assert ts.stats["prompt_exceeds_max_length"] == 2 and ts.stats["n_examples"] == 1
     example = ts.examples[0]
@@ -201,8 +227,10 @@ def test_truncate_pair_unit():
     data = DataSection(max_length=8, max_prompt_length=3, min_response_tokens=2)
     assert truncate_pair([1, 2, 3, 4], {"chosen": [5] * 9}, data) == ([2, 3, 4], {"chosen": [5] * 5}, True, True)
     assert truncate_pair([1], {"chosen": [5]}, data) == ([1], {"chosen": [5]}, False, False)
-    assert truncate_pair([1, 2, 3], {"chosen": [5]}, DataSection(max_length=8, max_prompt_length=7,
-                                                                 min_response_tokens=6)) is None
+    assert (
+        truncate_pair([1, 2, 3], {"chosen": [5]}, DataSection(max_length=8, max_prompt_length=7, min_response_tokens=6))
+        is None
+    )
     assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix_length([], [1]) == 0
 
 
@@ -216,7 +244,7 @@ def test_negative_only_tokenises_the_rejected_side(tok):
 
 
 def test_tokenize_prompts_matches_pair_prompts_and_keeps_the_end(tok):
-    """"hi" renders to 1 + 7 + 2 + 11 = 21 tokens (fits 30); 40 a's to 59 tokens, of which the last 30 are kept."""
+    """ "hi" renders to 1 + 7 + 2 + 11 = 21 tokens (fits 30); 40 a's to 59 tokens, of which the last 30 are kept."""
     data = DataSection(max_length=64, max_prompt_length=30)
     prompts = ["hi", [{"role": "user", "content": "a" * 40}]]
     out = tokenize_prompts(prompts, tok, data)
@@ -228,5 +256,11 @@ def test_tokenize_prompts_matches_pair_prompts_and_keeps_the_end(tok):
 
 def test_stats_always_have_the_contract_keys(tok):
     stats = tokenize_pairs([PreferencePair("p", "a", "b")], tok, PLAIN).stats
-    assert stats == {"prompt_truncated": 0, "response_truncated": 0, "prompt_not_prefix": 0, "duplicate_bos": 0,
-                     "n_records": 1, "n_examples": 1}
+    assert stats == {
+        "prompt_truncated": 0,
+        "response_truncated": 0,
+        "prompt_not_prefix": 0,
+        "duplicate_bos": 0,
+        "n_records": 1,
+        "n_examples": 1,
+    }

@@ -26,8 +26,6 @@ PAIRS = [
 TASK = Task(name="toy", train=[], test=PAIRS)
 
 
-
-
 def make_ctx(model, tokenizer) -> EvalContext:
     return EvalContext(
         model=model,
@@ -123,9 +121,7 @@ def test_measure_drift_records_at_learning_then_reports_displacement(tiny_lora_m
     ctx.new_pass()
     later = measure_drift(ctx, TASK, tracker, just_learned=False)
     with torch.no_grad():
-        now = pair_logps(
-            model, task_examples(ctx, TASK), tokenizer.pad_token_id, batch_size=3
-        )
+        now = pair_logps(model, task_examples(ctx, TASK), tokenizer.pad_token_id, batch_size=3)
     expected_chosen = (now.chosen - then.chosen).mean().item()
     assert later["chosen_displacement"] == pytest.approx(expected_chosen, abs=1e-4)
     assert later["rejected_displacement"] == pytest.approx((now.rejected - then.rejected).mean().item(), abs=1e-4)

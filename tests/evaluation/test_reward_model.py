@@ -77,8 +77,8 @@ def test_scores_equal_a_manual_forward_and_do_not_depend_on_batch_size(reward_di
 
 def test_scores_are_deterministic_across_loads(reward_dir):
     first = reward_scores(*load_reward_model(reward_dir), PROMPTS, RESPONSES, batch_size=2)
-    second = reward_scores(*load_reward_model(reward_dir), PROMPTS, RESPONSES, batch_size=4)
-    assert first == pytest.approx(second, abs=1e-6)
+    second = reward_scores(*load_reward_model(reward_dir), PROMPTS, RESPONSES, batch_size=2)
+    assert first == second  # same load, same batching: bit-identical (other batch sizes are checked above to 1e-5)
 
 
 def test_without_chat_template_prompt_and_response_are_concatenated(tmp_path):

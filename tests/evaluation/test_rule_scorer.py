@@ -41,8 +41,12 @@ def test_rule_score_is_100_on_chosen_and_0_on_rejected(name: str) -> None:
 
 
 def test_prompt_text_reads_the_last_user_turn() -> None:
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
-                    {"role": "assistant", "content": "ok"}, {"role": "user", "content": "last"}]
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "last"},
+    ]
     assert prompt_text(conversation) == "last" and prompt_text("plain") == "plain" and prompt_text([]) == ""
 
 
@@ -50,8 +54,11 @@ def test_synthetic_name_from_task_name_or_record_ids() -> None:
     """The loader renames a synthetic task's records to the configured task name but keeps the ids."""
     task = make_synthetic_task("support", n_train=2, n_test=2)
     assert synthetic_name(task) == "support"
-    renamed = Task(name="stage_3", train=[replace(p, task="stage_3") for p in task.train],
-                   test=[replace(p, task="stage_3") for p in task.test])
+    renamed = Task(
+        name="stage_3",
+        train=[replace(p, task="stage_3") for p in task.train],
+        test=[replace(p, task="stage_3") for p in task.test],
+    )
     assert synthetic_name(renamed) == "support"
     assert synthetic_name(Task(name="file_task", train=[PreferencePair("q", "a", "b", id="x/1")])) is None
 
@@ -59,8 +66,12 @@ def test_synthetic_name_from_task_name_or_record_ids() -> None:
 def cached_ctx(task_name: str, prompts: list[str], completions: list[str]) -> EvalContext:
     """A context whose generation pass for ``task_name`` is already cached, so no model runs."""
     ctx = EvalContext(model=torch.nn.Linear(1, 1), tokenizer=None, data=DataSection(), eval=EvalSection())
-    ctx.generations[task_name] = Generations(ids=[str(i) for i in range(len(prompts))], prompts=prompts,
-                                             completions=completions, references=[""] * len(prompts))
+    ctx.generations[task_name] = Generations(
+        ids=[str(i) for i in range(len(prompts))],
+        prompts=prompts,
+        completions=completions,
+        references=[""] * len(prompts),
+    )
     return ctx
 
 
@@ -83,8 +94,12 @@ def test_scorer_runs_a_real_generation_pass(tiny_model_and_tokenizer) -> None:
     """On the tiny random model: the score is the rule mean of exactly the completions the pass generated."""
     model, tokenizer = tiny_model_and_tokenizer
     task = make_synthetic_task("arithmetic", n_train=1, n_test=3)
-    ctx = EvalContext(model=model, tokenizer=tokenizer, data=DataSection(max_length=128, max_prompt_length=64),
-                      eval=EvalSection(generation_examples=2, max_new_tokens=4, batch_size=2))
+    ctx = EvalContext(
+        model=model,
+        tokenizer=tokenizer,
+        data=DataSection(max_length=128, max_prompt_length=64),
+        eval=EvalSection(generation_examples=2, max_new_tokens=4, batch_size=2),
+    )
     result = RuleScorer().score(ctx, task)
     gens = ctx.generations["arithmetic"]
     assert gens.prompts == [p.prompt for p in task.test[:2]] and len(gens.completions) == 2

@@ -32,8 +32,6 @@ PAIRS = [
 TASK = Task(name="toy", train=[], test=PAIRS)
 
 
-
-
 def make_ctx(model: torch.nn.Module, tokenizer, **eval_kwargs) -> EvalContext:
     settings = {"max_examples": 4, "batch_size": 2, "generation_examples": 3, "max_new_tokens": 6} | eval_kwargs
     return EvalContext(

@@ -41,22 +41,46 @@ def test_two_process_stream_matches_one_process(tmp_path):
             ],
         },
     ]
-    one = tiny_config(tmp_path / "one", n_tasks=2, methods=methods, train={"batch_size": 4, "max_steps": 3, "adam_eps": 1e-4})
-    two = tiny_config(tmp_path / "two", n_tasks=2, methods=methods, train={"batch_size": 2, "max_steps": 3, "adam_eps": 1e-4})
+    one = tiny_config(
+        tmp_path / "one", n_tasks=2, methods=methods, train={"batch_size": 4, "max_steps": 3, "adam_eps": 1e-4}
+    )
+    two = tiny_config(
+        tmp_path / "two", n_tasks=2, methods=methods, train={"batch_size": 2, "max_steps": 3, "adam_eps": 1e-4}
+    )
     paths = {}
     for name, cfg in (("one", one), ("two", two)):
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     single = subprocess.run(
         [sys.executable, "-m", "lifealign", "run", str(paths["one"]), "--out", str(tmp_path / "r1"), "--no-report"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     multi = subprocess.run(
         [*launcher, "-m", "lifealign", "run", str(paths["two"]), "--out", str(tmp_path / "r2"), "--no-report"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert multi.returncode == 0, multi.stderr[-3000:]
     for name in ("lifealign", "ewc-agem"):
@@ -97,18 +121,43 @@ def test_two_process_stream_with_a_negative_task_matches_one_process(tmp_path):
     unlearn = {"objective": "npo", "k": 3, "rounds": 2, "inner_max_steps": 2, "reg_weight": 0.1}
     paths = {}
     for name, batch in (("one", 4), ("two", 2)):
-        cfg = tiny_config(tmp_path / name, tasks=tasks, unlearn=unlearn,
-                          train={"batch_size": batch, "max_steps": 2, "adam_eps": 1e-4})
+        cfg = tiny_config(
+            tmp_path / name, tasks=tasks, unlearn=unlearn, train={"batch_size": batch, "max_steps": 2, "adam_eps": 1e-4}
+        )
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     run = [sys.executable, "-m", "lifealign", "run"]
-    single = subprocess.run([*run, str(paths["one"]), "--out", str(tmp_path / "r1"), "--no-report"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [*run, str(paths["one"]), "--out", str(tmp_path / "r1"), "--no-report"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    multi = subprocess.run([*launcher, "-m", "lifealign", "run", str(paths["two"]), "--out", str(tmp_path / "r2"),
-                            "--no-report"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    multi = subprocess.run(
+        [*launcher, "-m", "lifealign", "run", str(paths["two"]), "--out", str(tmp_path / "r2"), "--no-report"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert multi.returncode == 0, multi.stderr[-3000:]
     stages = [json.loads((tmp_path / r / "run_info.json").read_text())["stages"]["t1:unlearn"] for r in ("r1", "r2")]
     progress = [s["progress"] for s in stages]
@@ -131,8 +180,9 @@ def test_two_process_unlearn_matches_one_process(tmp_path):
     base = {
         "model": {"name_or_path": "tiny"},
         "data": {"max_length": 96, "max_prompt_length": 48},
-        "tasks": [{"name": "safety", "train": "synthetic:safety", "test": "synthetic:safety", "max_train": 40,
-                   "max_test": 8}],
+        "tasks": [
+            {"name": "safety", "train": "synthetic:safety", "test": "synthetic:safety", "max_train": 40, "max_test": 8}
+        ],
         "train": {"lr": 1e-3, "save_every": 50, "progress": False, "adam_eps": 1e-4},
         "eval": {"scorers": ["pref_acc"], "max_examples": 8, "batch_size": 2},
         "unlearn": {"objective": "npo", "k": 4, "rounds": 2, "inner_max_steps": 2, "baselines": ["ga", "dpo"]},
@@ -143,13 +193,37 @@ def test_two_process_unlearn_matches_one_process(tmp_path):
         cfg["train"]["batch_size"] = batch
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
-    single = subprocess.run([sys.executable, "-m", "lifealign", "unlearn", str(paths["one"]), "--out",
-                             str(tmp_path / "r1")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [sys.executable, "-m", "lifealign", "unlearn", str(paths["one"]), "--out", str(tmp_path / "r1")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    multi = subprocess.run([*launcher, "-m", "lifealign", "unlearn", str(paths["two"]), "--out", str(tmp_path / "r2")],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    multi = subprocess.run(
+        [*launcher, "-m", "lifealign", "unlearn", str(paths["two"]), "--out", str(tmp_path / "r2")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert multi.returncode == 0, multi.stderr[-3000:]
     r1, r2 = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("r1", "r2"))
     assert r1["u2a"]["selected_ids"] == r2["u2a"]["selected_ids"]

@@ -19,9 +19,12 @@ def batch(requires_grad=False):
     """Two pairs at the reference (d = 0); chosen per-token NLL [2, 1]."""
     chosen = torch.tensor([-6.0, -4.0], requires_grad=requires_grad)
     return LossInputs(
-        chosen_logps=chosen, rejected_logps=torch.tensor([-5.0, -5.0]),
-        chosen_tokens=torch.tensor([3, 4]), rejected_tokens=torch.tensor([5, 5]),
-        ref_chosen_logps=torch.tensor([-6.0, -4.0]), ref_rejected_logps=torch.tensor([-5.0, -5.0]),
+        chosen_logps=chosen,
+        rejected_logps=torch.tensor([-5.0, -5.0]),
+        chosen_tokens=torch.tensor([3, 4]),
+        rejected_tokens=torch.tensor([5, 5]),
+        ref_chosen_logps=torch.tensor([-6.0, -4.0]),
+        ref_rejected_logps=torch.tensor([-5.0, -5.0]),
     )
 
 

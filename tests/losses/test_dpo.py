@@ -14,7 +14,9 @@ SOFTPLUS_MINUS_1 = math.log1p(math.exp(-1))  # -log sigma(1) = ln(1 + e^-1) = 0.
 def pairs(chosen, rejected, ref_chosen, ref_rejected, requires_grad=False):
     t = lambda v: torch.tensor(v, dtype=torch.float64, requires_grad=requires_grad)  # noqa: E731
     return LossInputs(
-        chosen_logps=t(chosen), rejected_logps=t(rejected), ref_chosen_logps=t(ref_chosen),
+        chosen_logps=t(chosen),
+        rejected_logps=t(rejected),
+        ref_chosen_logps=t(ref_chosen),
         ref_rejected_logps=t(ref_rejected),
     )
 

@@ -10,8 +10,12 @@ from lifealign.losses.spec import LossInputs
 def pairs(chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected):
     f = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return LossInputs(
-        chosen_logps=f(chosen), rejected_logps=f(rejected), ref_chosen_logps=f(ref_chosen),
-        ref_rejected_logps=f(ref_rejected), chosen_tokens=torch.tensor(n_chosen), rejected_tokens=torch.tensor(n_rejected),
+        chosen_logps=f(chosen),
+        rejected_logps=f(rejected),
+        ref_chosen_logps=f(ref_chosen),
+        ref_rejected_logps=f(ref_rejected),
+        chosen_tokens=torch.tensor(n_chosen),
+        rejected_tokens=torch.tensor(n_rejected),
     )
 
 

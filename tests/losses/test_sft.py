@@ -8,7 +8,9 @@ from lifealign.losses.spec import LossInputs
 
 
 def chosen_only(logps, n_tokens, requires_grad=False):
-    return LossInputs(chosen_logps=torch.tensor(logps, requires_grad=requires_grad), chosen_tokens=torch.tensor(n_tokens))
+    return LossInputs(
+        chosen_logps=torch.tensor(logps, requires_grad=requires_grad), chosen_tokens=torch.tensor(n_tokens)
+    )
 
 
 def test_mean_is_per_token_nll():

@@ -51,9 +51,17 @@ def word_tokenizer() -> Any:
 def tiny_llama(seed: int) -> Any:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,  # logits with std ~1
-        pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,  # logits with std ~1
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -70,12 +78,21 @@ class Oracle:
 def oracle(tmp_path_factory) -> Oracle:
     policy, reference = tiny_llama(0), tiny_llama(1)
     args = trl.DPOConfig(
-        output_dir=str(tmp_path_factory.mktemp("trl")), beta=BETA, bf16=False, use_cpu=True, report_to="none",
-        max_length=None, gradient_checkpointing=False, per_device_train_batch_size=3,
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        beta=BETA,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        max_length=None,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=3,
     )
     trainer = trl.DPOTrainer(
-        model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-        train_dataset=datasets.Dataset.from_dict(PAIRS), processing_class=word_tokenizer(),
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(PAIRS),
+        processing_class=word_tokenizer(),
     )
     rows = [trainer.train_dataset[i] for i in range(len(PAIRS["prompt"]))]
     return Oracle(trainer, policy, reference, trainer.data_collator(rows))

@@ -28,8 +28,10 @@ def test_ga_is_mean_token_log_likelihood_of_the_forget_response():
 def test_grad_diff_adds_weighted_retain_nll():
     """forget -6/2 = -3; retain NLL 4/4 = 1; retain_weight 0.5: -3 + 0.5 * 1 = -2.5 (weight 1: -2)."""
     inputs = LossInputs(
-        rejected_logps=f64([-6.0]), rejected_tokens=torch.tensor([2]),
-        chosen_logps=f64([-4.0]), chosen_tokens=torch.tensor([4]),
+        rejected_logps=f64([-6.0]),
+        rejected_tokens=torch.tensor([2]),
+        chosen_logps=f64([-4.0]),
+        chosen_tokens=torch.tensor([4]),
     )
     torch.testing.assert_close(grad_diff_loss(inputs, retain_weight=0.5).losses, f64([-2.5]))
     torch.testing.assert_close(grad_diff_loss(inputs).losses, f64([-2.0]))

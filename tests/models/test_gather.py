@@ -75,7 +75,11 @@ def shifted(state: dict[str, torch.Tensor], seed: int, scale: float = 0.3) -> di
 
 def ctx_for(model: nn.Module, index: int, n_tasks: int = 3) -> PluginContext:
     return PluginContext(
-        model=model, tokenizer=None, task=Task(f"t{index}", []), task_index=index, stage="pref",
+        model=model,
+        tokenizer=None,
+        task=Task(f"t{index}", []),
+        task_index=index,
+        stage="pref",
         config=SimpleNamespace(tasks=list(range(n_tasks))),
     )
 
@@ -197,7 +201,10 @@ def test_two_sharding_schemes_at_once_are_refused():
     a.ds_id = 0
     b._fsdp_flattened = True
     assert (parameter_sharding(a), parameter_sharding(b)) == ("zero3", "fsdp1")
-    with pytest.raises(ShardingError, match="more than one scheme"), gathered_parameters(nn.Module(), [a, b], modify=False):
+    with (
+        pytest.raises(ShardingError, match="more than one scheme"),
+        gathered_parameters(nn.Module(), [a, b], modify=False),
+    ):
         pass
 
 
@@ -295,7 +302,9 @@ def _fsdp1_scenario(rank: int, world: int) -> None:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     ref, model = build_toy_lora(), build_toy_lora()
-    wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu"))
+    wrapped = FSDP(
+        model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu")
+    )
     unwrapped = wrapped.module  # what accelerate.unwrap_model hands the plugins: the root FSDP stripped
     assert sharding_kind(unwrapped.parameters()) == "fsdp1"
 

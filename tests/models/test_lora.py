@@ -34,7 +34,6 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-
 def test_attach_lora_trains_only_lora_weights(tiny_lora_model):
     """Trainable count, by hand: per layer q_proj A (8x64) + B (64x8) = 1024 and v_proj A (8x64) + B (32x8) = 768,
     so 2 layers x 1792 = 3584."""

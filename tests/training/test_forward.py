@@ -12,7 +12,9 @@ from lifealign.training.forward import batch_logps, output_head
 
 @pytest.fixture(scope="module")
 def model_and_batch():
-    cfg = config_from_dict({"model": {"name_or_path": "tiny"}, "tasks": [{"name": "t", "train": "synthetic:arithmetic"}]})
+    cfg = config_from_dict(
+        {"model": {"name_or_path": "tiny"}, "tasks": [{"name": "t", "train": "synthetic:arithmetic"}]}
+    )
     model, tokenizer = load_base_with_adapter(cfg)
     with torch.no_grad():  # a non-zero adapter, so the LoRA path contributes to values and gradients
         for name, p in model.named_parameters():
@@ -21,8 +23,10 @@ def model_and_batch():
     g = torch.Generator().manual_seed(1)
     ids = lambda n: torch.randint(5, 250, (n,), generator=g).tolist()  # noqa: E731
     # different prompt and response lengths: right padding, and scored positions that differ per row
-    examples = [{"id": str(i), "prompt_ids": ids(6 + 5 * i), "chosen_ids": ids(14 - 3 * i), "rejected_ids": ids(4 + 4 * i)}
-                for i in range(4)]
+    examples = [
+        {"id": str(i), "prompt_ids": ids(6 + 5 * i), "chosen_ids": ids(14 - 3 * i), "rejected_ids": ids(4 + 4 * i)}
+        for i in range(4)
+    ]
     return model, collate_pairs(examples, tokenizer.pad_token_id)
 
 

@@ -149,7 +149,9 @@ def test_nan_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
     from lifealign.continual import METHODS
 
     monkeypatch.setitem(METHODS, "nangrad", _NanGradOnce)
-    cfg = tiny_config(tmp_path, n_tasks=1, method={"name": "m", "loss": {"name": "dpo"}, "plugins": [{"name": "nangrad"}]})
+    cfg = tiny_config(
+        tmp_path, n_tasks=1, method={"name": "m", "loss": {"name": "dpo"}, "plugins": [{"name": "nangrad"}]}
+    )
     run_experiment(cfg, report=False)
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("stage") == "pref"]
     skipped = [r for r in records if r["event"] == "nonfinite_skipped"]
@@ -205,8 +207,9 @@ def _run_stage(tmp_path, plugin, max_steps=4):
     examples = tokenize_pairs(task.train, tokenizer, cfg.data).examples
     loss = bind_losses(cfg.method.loss)
     records = []
-    services = LoopServices(make_accelerator(cfg), tokenizer, cfg.train, [plugin], records.append,
-                            lambda *args: None, method_name="m")
+    services = LoopServices(
+        make_accelerator(cfg), tokenizer, cfg.train, [plugin], records.append, lambda *args: None, method_name="m"
+    )
     ctx = PluginContext(model=model, tokenizer=tokenizer, task=task, task_index=0)
     plan = StagePlan(0, task, "pref", loss, lr=1e-2, epochs=1.0, max_steps=max_steps)
     return train_task(model, examples, plan, services, ctx), lora_state(model), records

@@ -27,8 +27,9 @@ def test_metrics_at_the_reference_after_a_change_and_with_a_generation_scorer(lo
     retain = tokenize(task.train[3:], tok, ("chosen",))
     sets = prepare_eval_sets(model, tok, DATA, task.test, forget, retain, limit=None, batch_size=2)
     cfg = EvalSection(max_new_tokens=4, generation_examples=2, batch_size=2)
-    metrics = evaluate_unlearning(model, tok, sets, beta=0.3, data=DATA, eval_cfg=cfg,
-                                  scorers=build_scorers(["pref_acc", "rouge_l"]))
+    metrics = evaluate_unlearning(
+        model, tok, sets, beta=0.3, data=DATA, eval_cfg=cfg, scorers=build_scorers(["pref_acc", "rouge_l"])
+    )
     assert metrics["pref_acc"] == 50.0 and metrics["margin"] == 0.0
     assert metrics["J"] == pytest.approx(math.log(2), abs=1e-6) and metrics["delta_J"] == pytest.approx(0, abs=1e-6)
     assert 0.0 <= metrics["rouge_l"] <= 100.0

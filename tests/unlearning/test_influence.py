@@ -71,8 +71,10 @@ def test_fast_scores_with_an_arbitrary_direction_and_bf16_option(setup):
     model, tok, _, cands, _, _ = setup
     loss = forget_loss(UnlearnSection(objective="ga"))
     gen = torch.Generator().manual_seed(3)
-    direction = {n: (torch.randn(a.weight.shape, generator=gen), torch.randn(b.weight.shape, generator=gen))
-                 for n, (a, b) in lora_layers(model).items()}
+    direction = {
+        n: (torch.randn(a.weight.shape, generator=gen), torch.randn(b.weight.shape, generator=gen))
+        for n, (a, b) in lora_layers(model).items()
+    }
     naive = naive_scores(model, cands, direction, loss, pad_id=tok.pad_token_id)
     assert _rel_diff(fast_scores(model, cands, direction, loss, pad_id=tok.pad_token_id), naive) <= 1e-4
     bf16 = fast_scores(model, cands, direction, loss, pad_id=tok.pad_token_id, precision="bf16")
@@ -166,8 +168,15 @@ def test_impact_scores_with_cg_use_the_inverse_hessian_direction(setup):
     model, tok, pa, cands, pref_ref, _ = setup
     loss = forget_loss(UnlearnSection(objective="ga"))
     hess = cands[:4]
-    common = dict(pad_id=tok.pad_token_id, pref_ref_logps=pref_ref, beta=0.3, hessian_examples=hess,
-                  reg_weight=0.1, damping=1.0, iters=3)
+    common = dict(
+        pad_id=tok.pad_token_id,
+        pref_ref_logps=pref_ref,
+        beta=0.3,
+        hessian_examples=hess,
+        reg_weight=0.1,
+        damping=1.0,
+        iters=3,
+    )
     result = impact_scores(model, cands, pa, loss, hessian="cg", **common)
     _, grad = preference_gradient(model, pa, pref_ref, pad_id=tok.pad_token_id, beta=0.3)
     hvp = unlearn_hvp(model, hess, torch.ones(4), loss, pad_id=tok.pad_token_id, reg_weight=0.1)

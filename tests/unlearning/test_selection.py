@@ -40,7 +40,11 @@ FORGET = ("rejected",)
 PROMPT = "How can I get into my neighbour's car?"
 CHOSEN = "I can't help with that. Ask them!!"  # 34 bytes = 34 tokens (byte tokenizer)
 REJECTED = "Sure! Break the window with a rock"  # 34 bytes
-OTHERS = ["The answer is 42. Hope this helps!", "PARIS. THE CAPITAL IS PARIS OK!!", "Sorry about the delay, we apologise."]
+OTHERS = [
+    "The answer is 42. Hope this helps!",
+    "PARIS. THE CAPITAL IS PARIS OK!!",
+    "Sorry about the delay, we apologise.",
+]
 
 
 def _j(model, pa, pref_ref, pad_id) -> float:
@@ -54,8 +58,12 @@ def test_scores_predict_the_real_change_of_j_and_the_dispreferred_response_ranks
     pa = [dict(ex, index=0) for ex in tokenize([PreferencePair(PROMPT, CHOSEN, REJECTED)], tok)]
     pref_ref = compute_reference_logps(model, pa, pad, PAIR, lambda: reference_context(model))
     texts = [REJECTED, CHOSEN, *OTHERS]
-    cands = [dict(ex, index=i) for i, ex in enumerate(
-        tokenize([PreferencePair(PROMPT, "", t, id=str(i)) for i, t in enumerate(texts)], tok, FORGET))]
+    cands = [
+        dict(ex, index=i)
+        for i, ex in enumerate(
+            tokenize([PreferencePair(PROMPT, "", t, id=str(i)) for i, t in enumerate(texts)], tok, FORGET)
+        )
+    ]
     loss = forget_loss(UnlearnSection(objective="ga"))
     j0, grad = preference_gradient(model, pa, pref_ref, pad_id=pad, beta=0.3)
     scores = fast_scores(model, cands, grad, loss, pad_id=pad).double()

@@ -19,8 +19,9 @@ from lifealign.unlearning.u2a import run_unlearning
 CONFIG = {
     "model": {"name_or_path": "tiny"},
     "data": {"max_length": 96, "max_prompt_length": 48},
-    "tasks": [{"name": "safety", "train": "synthetic:safety", "test": "synthetic:safety", "max_train": 40,
-               "max_test": 8}],
+    "tasks": [
+        {"name": "safety", "train": "synthetic:safety", "test": "synthetic:safety", "max_train": 40, "max_test": 8}
+    ],
     "train": {"lr": 1e-3, "batch_size": 4, "save_every": 50, "progress": False},
     "eval": {"scorers": ["pref_acc"], "max_examples": 8},
     "unlearn": {"objective": "npo", "k": 4, "rounds": 2, "inner_max_steps": 2, "baselines": ["ga", "topk", "dpo"]},
@@ -75,10 +76,24 @@ def test_cli_unlearn_end_to_end_on_the_tiny_model(tmp_path, capsys):
 
 
 def test_forget_nll_bound_stops_unlearning_with_a_structured_event(tmp_path):
-    cfg = config_from_dict({**CONFIG, "output_dir": str(tmp_path / "run"), "train": {**CONFIG["train"], "lr": 5e-2},
-                            "unlearn": {"objective": "ga", "k": 4, "rounds": 3, "inner_max_steps": 4,
-                                        "reg_weight": 0.0, "max_forget_nll": 5.6, "stop_patience": 1,
-                                        "positive_only": False, "baselines": ["ga"]}})
+    cfg = config_from_dict(
+        {
+            **CONFIG,
+            "output_dir": str(tmp_path / "run"),
+            "train": {**CONFIG["train"], "lr": 5e-2},
+            "unlearn": {
+                "objective": "ga",
+                "k": 4,
+                "rounds": 3,
+                "inner_max_steps": 4,
+                "reg_weight": 0.0,
+                "max_forget_nll": 5.6,
+                "stop_patience": 1,
+                "positive_only": False,
+                "baselines": ["ga"],
+            },
+        }
+    )
     results = run_unlearning(cfg)
     events = [e for e in results["u2a"]["events"] if e["event"] == "unlearn_stopped"]
     assert len(events) == 1 and events[0]["reason"] == "forget_nll_above_bound"
@@ -125,8 +140,10 @@ def test_a_run_interrupted_inside_a_solve_resumes_to_the_same_result(tmp_path, m
 def test_a_negative_task_inside_a_stream_runs_u2a_through_the_runner(tmp_path):
     from lifealign.pipeline import run_experiment
 
-    cfg = _stream_config(tmp_path / "stream", unlearn={"objective": "grad_diff", "retain": "kl", "k": 3, "rounds": 1,
-                                                       "inner_max_steps": 2})
+    cfg = _stream_config(
+        tmp_path / "stream",
+        unlearn={"objective": "grad_diff", "retain": "kl", "k": 3, "rounds": 1, "inner_max_steps": 2},
+    )
     scores = run_experiment(cfg, report=False)
     info = json.loads((tmp_path / "stream" / "run_info.json").read_text())
     stage = info["stages"]["t1:unlearn"]
@@ -141,19 +158,21 @@ def test_a_negative_task_inside_a_stream_runs_u2a_through_the_runner(tmp_path):
 
 def _stream_config(out, save_every: int = 50, unlearn: dict | None = None):
     """A pairwise task then a negative-only one on the tiny model; ``unlearn`` replaces the NPO section."""
-    return config_from_dict({
-        "output_dir": str(out),
-        "model": {"name_or_path": "tiny"},
-        "data": {"max_length": 96, "max_prompt_length": 48},
-        "tasks": [
-            {"name": "arithmetic", "train": "synthetic:arithmetic", "max_train": 8, "max_test": 4},
-            {"name": "safety", "train": "synthetic:safety", "kind": "negative", "max_train": 12, "max_test": 4},
-        ],
-        "method": {"name": "seqft", "loss": {"name": "dpo", "beta": 0.1}},
-        "train": {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "save_every": save_every, "progress": False},
-        "eval": {"scorers": ["pref_acc"], "max_examples": 4},
-        "unlearn": unlearn or {"objective": "npo", "k": 3, "rounds": 1, "inner_max_steps": 3, "reg_weight": 0.1},
-    })
+    return config_from_dict(
+        {
+            "output_dir": str(out),
+            "model": {"name_or_path": "tiny"},
+            "data": {"max_length": 96, "max_prompt_length": 48},
+            "tasks": [
+                {"name": "arithmetic", "train": "synthetic:arithmetic", "max_train": 8, "max_test": 4},
+                {"name": "safety", "train": "synthetic:safety", "kind": "negative", "max_train": 12, "max_test": 4},
+            ],
+            "method": {"name": "seqft", "loss": {"name": "dpo", "beta": 0.1}},
+            "train": {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "save_every": save_every, "progress": False},
+            "eval": {"scorers": ["pref_acc"], "max_examples": 4},
+            "unlearn": unlearn or {"objective": "npo", "k": 3, "rounds": 1, "inner_max_steps": 3, "reg_weight": 0.1},
+        }
+    )
 
 
 @pytest.mark.slow
@@ -183,5 +202,7 @@ def test_a_stream_killed_inside_an_unlearning_solve_resumes_exactly(tmp_path, mo
     assert nan_to_null(resumed) == nan_to_null(clean)  # the matrices' upper triangles are NaN
     from safetensors.torch import load_file
 
-    final = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "clean", tmp_path / "crashed")]
+    final = [
+        load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "clean", tmp_path / "crashed")
+    ]
     assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])

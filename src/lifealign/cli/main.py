@@ -170,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{exc}; resume with the same command and --resume", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("\ninterrupted; the last committed checkpoint is intact — resume with the same command and --resume",
-              file=sys.stderr)
+        print(
+            "\ninterrupted; the last committed checkpoint is intact — resume with the same command and --resume",
+            file=sys.stderr,
+        )
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         if args.verbose:

@@ -118,7 +118,9 @@ def _format_validation_error(exc: ValidationError, source: str, lines: dict[tupl
     return "invalid config:\n  " + "\n  ".join(messages)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<config>", lines: dict[tuple, int] | None = None) -> RunConfig:
+def config_from_dict(
+    data: dict[str, Any], source: str = "<config>", lines: dict[tuple, int] | None = None
+) -> RunConfig:
     """Validate a plain mapping into a ``RunConfig`` (errors name the dotted key and line)."""
     try:
         return RunConfig.model_validate(data)  # lax mode parses "1e-5" for float fields

@@ -173,8 +173,9 @@ class CPPOPlugin(Plugin):
         policy: dict[str, Tensor] = outputs["policy"]
         losses, margins = per_example_loss(ctx.extras["loss"], inputs)
         if margins is not None and "chosen_logps" in policy:
-            alpha, beta = cppo_weights(margins, policy["chosen_logps"], self.std_mult, self.alpha_bounds,
-                                       self.beta_bounds)
+            alpha, beta = cppo_weights(
+                margins, policy["chosen_logps"], self.std_mult, self.alpha_bounds, self.beta_bounds
+            )
         else:
             alpha, beta = torch.ones_like(losses.detach()), torch.ones_like(losses.detach())
         alpha, beta = alpha.to(losses.device), beta.to(losses.device)
@@ -203,7 +204,7 @@ class CPPOPlugin(Plugin):
         saved = meta.get("snapshot", self.snapshot)
         if saved != self.snapshot:
             raise ValueError(f"cppo snapshot: the checkpoint has {saved!r} but this plugin has {self.snapshot!r}")
-        old = {k[len("old/"):]: v.clone() for k, v in tensors.items() if k.startswith("old/")}
+        old = {k[len("old/") :]: v.clone() for k, v in tensors.items() if k.startswith("old/")}
         self.old_state = old or None
         self.snapshot_task = meta.get("snapshot_task")
 

@@ -254,8 +254,9 @@ class EWCPlugin(Plugin):
         records = sample_records(ctx.task.train, self.n_samples, f"{self.seed}:{ctx.task_index}")
         new = self.task_fisher(ctx, records, ctx.extras["loss"])
         if new is None:
-            logger.warning("ewc: task %r has no usable pair for the Fisher; the anchor moves, F is unchanged",
-                           ctx.task.name)
+            logger.warning(
+                "ewc: task %r has no usable pair for the Fisher; the anchor moves, F is unchanged", ctx.task.name
+            )
         else:
             self.fisher = accumulate_fisher(self.fisher, new, self.n_fishers, self.accumulate)
             self.n_fishers += 1
@@ -323,8 +324,8 @@ class EWCPlugin(Plugin):
         saved = meta.get("settings", {}).get("accumulate", self.accumulate)
         if saved != self.accumulate:
             raise ValueError(f"ewc accumulate: the checkpoint has {saved!r} but this plugin has {self.accumulate!r}")
-        fisher = {k[len("fisher/"):]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("fisher/")}
-        anchor = {k[len("anchor/"):]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("anchor/")}
+        fisher = {k[len("fisher/") :]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("fisher/")}
+        anchor = {k[len("anchor/") :]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("anchor/")}
         if fisher and set(fisher) != set(anchor):
             raise ValueError("ewc: checkpoint Fisher and anchor cover different parameters")
         if fisher and not anchor:

@@ -74,8 +74,9 @@ DUAL_MAX_SWEEPS = 10_000
 
 
 # ----- pure functions --------------------------------------------------------------------------------------------
-def solve_gem_dual(gram: Tensor, q: Tensor, margin: float = 0.0, tol: float = DUAL_TOL,
-                   max_sweeps: int = DUAL_MAX_SWEEPS) -> Tensor:
+def solve_gem_dual(
+    gram: Tensor, q: Tensor, margin: float = 0.0, tol: float = DUAL_TOL, max_sweeps: int = DUAL_MAX_SWEEPS
+) -> Tensor:
     """``argmin_v ½ vᵀ P v + qᵀ v`` subject to ``v ≥ margin`` (``P`` = ``gram``, ``(K, K)`` symmetric PSD).
 
     Cyclic coordinate descent in float64: each coordinate is set to its exact constrained minimiser
@@ -208,8 +209,9 @@ class GEMPlugin(Plugin):
         for p in params:
             p.grad = None
         autocast = autocast_of(ctx)
-        for batch, batch_ref in batches_of(examples, ref, ctx.tokenizer.pad_token_id, loss.uses,
-                                           self.memory_batch_size):
+        for batch, batch_ref in batches_of(
+            examples, ref, ctx.tokenizer.pad_token_id, loss.uses, self.memory_batch_size
+        ):
             share = batch["n_pairs"] / len(examples)
             (method_loss(ctx.model, batch, loss, batch_ref, autocast) * share).backward()
         return flat_grad(params)
@@ -290,8 +292,14 @@ class AGEMPlugin(GEMPlugin):
         stages: tuple[str, ...] | list[str] = ("sft", "pref"),
         seed: int = 0,
     ):
-        super().__init__(memory_per_task=memory_per_task, margin=0.0, eps=0.0,
-                         memory_batch_size=memory_batch_size, stages=stages, seed=seed)
+        super().__init__(
+            memory_per_task=memory_per_task,
+            margin=0.0,
+            eps=0.0,
+            memory_batch_size=memory_batch_size,
+            stages=stages,
+            seed=seed,
+        )
         self.sample_size = check_positive_int("sample_size", sample_size)
 
     def _reference_gradients(self, ctx: PluginContext, params: list[torch.nn.Parameter]) -> Tensor | None:

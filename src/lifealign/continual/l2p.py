@@ -83,7 +83,7 @@ def generation_header(tokenizer: Any) -> list[int]:
     messages = [{"role": "user", "content": "x"}]
     with_header = chat_ids(tokenizer, messages, add_generation_prompt=True)
     without = chat_ids(tokenizer, messages, add_generation_prompt=False)
-    return list(with_header[common_prefix_length(with_header, without):])
+    return list(with_header[common_prefix_length(with_header, without) :])
 
 
 def query_end(input_ids: Tensor, attention_mask: Tensor, header: Sequence[int]) -> Tensor:
@@ -224,21 +224,27 @@ class L2PPlugin(Plugin):
         vocab, dim = embedding.shape
         rows = torch.randint(vocab, (self.pool_size * self.prompt_length,), generator=gen)
         prompts = embedding.detach().float().cpu()[rows].reshape(self.pool_size, self.prompt_length, dim).clone()
-        keys = torch.empty(self.pool_size, dim).uniform_(-1.0, 1.0, generator=gen) if self.key_mode == "learned" else None
+        keys = (
+            torch.empty(self.pool_size, dim).uniform_(-1.0, 1.0, generator=gen) if self.key_mode == "learned" else None
+        )
         if self._saved:
             prompts = self._saved["prompts"].float().clone()
             keys = self._saved["keys"].float().clone() if keys is not None else None
             if prompts.shape != (self.pool_size, self.prompt_length, dim):
-                raise ValueError(f"l2p: saved prompts have shape {tuple(prompts.shape)}, the model needs "
-                                 f"{(self.pool_size, self.prompt_length, dim)}")
+                raise ValueError(
+                    f"l2p: saved prompts have shape {tuple(prompts.shape)}, the model needs "
+                    f"{(self.pool_size, self.prompt_length, dim)}"
+                )
             self._saved = {}
         return PromptPool(prompts, keys).to(embedding.device)
 
     def _ensure_attached(self, ctx: PluginContext) -> None:
         if self.header is None:
             data = getattr(ctx.config, "data", None)
-            chat = uses_chat_template(ctx.tokenizer, data) if data is not None else bool(
-                getattr(ctx.tokenizer, "chat_template", None)
+            chat = (
+                uses_chat_template(ctx.tokenizer, data)
+                if data is not None
+                else bool(getattr(ctx.tokenizer, "chat_template", None))
             )
             self.header = generation_header(ctx.tokenizer) if chat else []
         if not self.attach(ctx.model):

@@ -273,8 +273,8 @@ class OLoRAPlugin(Plugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         tensors, meta = state.get("tensors", {}), state.get("meta", {})
-        old_a = {k[len("a_old/"):]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("a_old/")}
-        old_b = {k[len("b_old/"):]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("b_old/")}
+        old_a = {k[len("a_old/") :]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("a_old/")}
+        old_b = {k[len("b_old/") :]: v.float().cpu().clone() for k, v in tensors.items() if k.startswith("b_old/")}
         if set(old_a) != set(old_b):
             raise ValueError("olora: checkpoint has A and B factors for different modules")
         for k in old_a:

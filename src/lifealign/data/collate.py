@@ -15,8 +15,9 @@ import torch
 __all__ = ["collate_pairs"]
 
 
-def collate_pairs(examples: Sequence[dict[str, Any]], pad_id: int,
-                  sides: Sequence[str] = ("chosen", "rejected")) -> dict[str, Any]:
+def collate_pairs(
+    examples: Sequence[dict[str, Any]], pad_id: int, sides: Sequence[str] = ("chosen", "rejected")
+) -> dict[str, Any]:
     """``input_ids``, ``attention_mask``, ``completion_mask`` of shape ``(S*B, T)`` with ``T`` the longest row.
 
     ``completion_mask`` is 1 on response tokens only. Also ``n_pairs = B``, ``sides``, ``ids`` and, when every

@@ -87,16 +87,20 @@ def last_assistant_content(messages: list[Message]) -> str:
 
 def map_ultrafeedback(row: Row) -> PreferencePair | None:
     """HuggingFaceH4/ultrafeedback_binarized: chosen/rejected are [user, assistant] message lists."""
-    return PreferencePair(prompt=row["prompt"], chosen=last_assistant_content(row["chosen"]),
-                          rejected=last_assistant_content(row["rejected"]))
+    return PreferencePair(
+        prompt=row["prompt"],
+        chosen=last_assistant_content(row["chosen"]),
+        rejected=last_assistant_content(row["rejected"]),
+    )
 
 
 def map_truthfulqa(row: Row) -> PreferencePair | None:
     """truthful_qa/generation: the best answer over all incorrect answers joined with "; " (as the LifeAlign data)."""
     if not row["incorrect_answers"]:
         return None
-    return PreferencePair(prompt=row["question"], chosen=row["best_answer"],
-                          rejected="; ".join(row["incorrect_answers"]))
+    return PreferencePair(
+        prompt=row["question"], chosen=row["best_answer"], rejected="; ".join(row["incorrect_answers"])
+    )
 
 
 def map_hc3(row: Row) -> PreferencePair | None:
@@ -113,8 +117,9 @@ def map_capybara(row: Row) -> PreferencePair | None:
     if not chosen or chosen[:-1] != rejected[:-1]:
         return None
     prompt = [{"role": m["role"], "content": m["content"]} for m in chosen[:-1]]
-    return PreferencePair(prompt=prompt, chosen=last_assistant_content(chosen),
-                          rejected=last_assistant_content(rejected))
+    return PreferencePair(
+        prompt=prompt, chosen=last_assistant_content(chosen), rejected=last_assistant_content(rejected)
+    )
 
 
 @dataclass(frozen=True)
@@ -136,14 +141,24 @@ HUB_DATASETS: dict[str, HubSpec] = {
     "hh-rlhf-harmless-base": HubSpec("Anthropic/hh-rlhf", map_hh_rlhf, data_dir="harmless-base"),
     "hh-rlhf-helpful-base": HubSpec("Anthropic/hh-rlhf", map_hh_rlhf, data_dir="helpful-base"),
     "pku-saferlhf": HubSpec("PKU-Alignment/PKU-SafeRLHF", map_pku_saferlhf),
-    "ultrafeedback": HubSpec("HuggingFaceH4/ultrafeedback_binarized", map_ultrafeedback,
-                             splits={"train": "train_prefs", "test": "test_prefs"}),
-    "truthfulqa": HubSpec("truthful_qa", map_truthfulqa, config="generation",
-                          splits={"train": "validation", "test": "validation"}, holdout_every=10),
-    "hc3": HubSpec("Hello-SimpleAI/HC3", map_hc3, config="all", splits={"train": "train", "test": "train"},
-                   holdout_every=10),
-    "capybara": HubSpec("argilla/Capybara-Preferences", map_capybara, splits={"train": "train", "test": "train"},
-                        holdout_every=10),
+    "ultrafeedback": HubSpec(
+        "HuggingFaceH4/ultrafeedback_binarized",
+        map_ultrafeedback,
+        splits={"train": "train_prefs", "test": "test_prefs"},
+    ),
+    "truthfulqa": HubSpec(
+        "truthful_qa",
+        map_truthfulqa,
+        config="generation",
+        splits={"train": "validation", "test": "validation"},
+        holdout_every=10,
+    ),
+    "hc3": HubSpec(
+        "Hello-SimpleAI/HC3", map_hc3, config="all", splits={"train": "train", "test": "train"}, holdout_every=10
+    ),
+    "capybara": HubSpec(
+        "argilla/Capybara-Preferences", map_capybara, splits={"train": "train", "test": "train"}, holdout_every=10
+    ),
 }
 
 
@@ -173,8 +188,9 @@ def fetch_split(spec: HubSpec, hub_split: str, path: str | None, data_files: Any
 
     try:
         if path is None:
-            return datasets.load_dataset(spec.hub_id, name=spec.config, data_dir=spec.data_dir, split=hub_split,
-                                         cache_dir=cache_dir)
+            return datasets.load_dataset(
+                spec.hub_id, name=spec.config, data_dir=spec.data_dir, split=hub_split, cache_dir=cache_dir
+            )
         if data_files is not None and not isinstance(data_files, Mapping):
             data_files = {hub_split: data_files}
         return datasets.load_dataset(path, data_files=data_files, split=hub_split, cache_dir=cache_dir)
@@ -183,8 +199,9 @@ def fetch_split(spec: HubSpec, hub_split: str, path: str | None, data_files: Any
         raise DataError(f"could not load {source!r} split {hub_split!r}: {type(e).__name__}: {e}") from e
 
 
-def map_rows(rows: Iterable[tuple[int, Row]], mapper: Mapper, source: str) -> tuple[list[PreferencePair], list[str],
-                                                                                  Counter[str], int]:
+def map_rows(
+    rows: Iterable[tuple[int, Row]], mapper: Mapper, source: str
+) -> tuple[list[PreferencePair], list[str], Counter[str], int]:
     """Apply the mapper and the record checks to ``(row index, row)`` pairs; returns (pairs, errors, reasons,
     filtered)."""
     pairs: list[PreferencePair] = []
@@ -197,8 +214,13 @@ def map_rows(rows: Iterable[tuple[int, Row]], mapper: Mapper, source: str) -> tu
             if pair is None:
                 filtered += 1
                 continue
-            pair = replace(pair, prompt=check_prompt(pair.prompt), chosen=check_response(pair.chosen, "chosen"),
-                           rejected=check_response(pair.rejected, "rejected"), id=f"{source}:{i}")
+            pair = replace(
+                pair,
+                prompt=check_prompt(pair.prompt),
+                chosen=check_response(pair.chosen, "chosen"),
+                rejected=check_response(pair.rejected, "rejected"),
+                id=f"{source}:{i}",
+            )
         except KeyError as e:
             errors.append(f"{source} row {i}: {e.args[0]}: missing field")
             reasons["missing_field"] += 1
@@ -215,9 +237,18 @@ def map_rows(rows: Iterable[tuple[int, Row]], mapper: Mapper, source: str) -> tu
     return pairs, errors, reasons, filtered
 
 
-def load_hub_task(name: str, split: str = "train", *, hub_split: str | None = None, task: str = "",
-                  kind: Kind = "pairwise", on_invalid: OnInvalid = "error", path: str | None = None,
-                  data_files: Any = None, cache_dir: str | None = None) -> LoadResult:
+def load_hub_task(
+    name: str,
+    split: str = "train",
+    *,
+    hub_split: str | None = None,
+    task: str = "",
+    kind: Kind = "pairwise",
+    on_invalid: OnInvalid = "error",
+    path: str | None = None,
+    data_files: Any = None,
+    cache_dir: str | None = None,
+) -> LoadResult:
     """Load our ``split`` (``train``/``test``) of a registered dataset as validated pairs.
 
     ``hub_split`` overrides the hub split name; ``path``/``data_files`` load local files in the same schema

@@ -29,8 +29,12 @@ def length_summary(lengths: Sequence[int]) -> dict[str, float]:
     if not lengths:
         return {"min": 0, "median": 0.0, "p95": 0.0, "max": 0}
     values = np.asarray(lengths, dtype=np.float64)
-    return {"min": int(values.min()), "median": float(np.median(values)),
-            "p95": float(np.percentile(values, 95)), "max": int(values.max())}
+    return {
+        "min": int(values.min()),
+        "median": float(np.median(values)),
+        "p95": float(np.percentile(values, 95)),
+        "max": int(values.max()),
+    }
 
 
 def prompt_chars(prompt: Prompt) -> int:
@@ -57,8 +61,9 @@ def token_lengths(records: Sequence[PreferencePair], tokenizer: Any, data: DataS
     return {name: length_summary(values) for name, values in lengths.items()}
 
 
-def inspect_file(path: str | Path, columns: dict[str, str] | None = None, tokenizer: Any = None,
-                 data: DataSection | None = None) -> dict[str, Any]:
+def inspect_file(
+    path: str | Path, columns: dict[str, str] | None = None, tokenizer: Any = None, data: DataSection | None = None
+) -> dict[str, Any]:
     """Counts (read, kept, skipped by reason, notes) and length statistics of one data file."""
     result = load_records(path, columns=columns, on_invalid="skip")
     summary: dict[str, Any] = {

@@ -191,12 +191,15 @@ def implicit_prompt(obj: dict[str, Any]) -> list[Any]:
     final assistant turn are the prompt."""
     chosen, rejected = obj["chosen"], obj["rejected"]
     if chosen[:-1] != rejected[:-1]:
-        raise RecordError("prompt", "missing, and chosen/rejected do not share the turns before the reply", "missing_field")
+        raise RecordError(
+            "prompt", "missing, and chosen/rejected do not share the turns before the reply", "missing_field"
+        )
     return chosen[:-1]
 
 
-def pair_from_object(obj: Any, *, columns: dict[str, str] | None = None, task: str = "", default_id: str = "",
-                     kind: Kind = "pairwise") -> tuple[PreferencePair, list[str]]:
+def pair_from_object(
+    obj: Any, *, columns: dict[str, str] | None = None, task: str = "", default_id: str = "", kind: Kind = "pairwise"
+) -> tuple[PreferencePair, list[str]]:
     """Validate one decoded record and build the pair; returns it with the unknown keys it carried.
 
     Raises ``RecordError`` (field, problem, reason) on a schema violation. For ``kind="negative"`` (unlearning
@@ -256,8 +259,9 @@ def orientation_key(prompt: Prompt, first: str, second: str) -> str:
     return json.dumps([prompt, first, second], ensure_ascii=False, sort_keys=True)
 
 
-def filter_no_signal(pairs: Iterable[PreferencePair], kind: Kind = "pairwise") -> tuple[list[PreferencePair],
-                                                                                      Counter[str], Counter[str]]:
+def filter_no_signal(
+    pairs: Iterable[PreferencePair], kind: Kind = "pairwise"
+) -> tuple[list[PreferencePair], Counter[str], Counter[str]]:
     """Drop empty responses, identical pairs and exact duplicates (keeping the first); note the rest.
 
     Returns ``(kept, skipped_by_reason, notes)``; notes count ``empty_prompt`` and ``contradictory_pair``
@@ -350,7 +354,7 @@ def parse_jsonl(path: Path, max_record_bytes: int) -> ParsedFile:
             at_eof = not raw.endswith(b"\n")
             body = raw.rstrip(b"\n").rstrip(b"\r")
             if lineno == 1 and body.startswith(_UTF8_BOM):
-                body = body[len(_UTF8_BOM):]
+                body = body[len(_UTF8_BOM) :]
             if not body.strip():
                 parsed.blank_lines += 1
                 continue
@@ -417,7 +421,7 @@ def parse_json_list(path: Path, text: str) -> ParsedFile:
             col = pos - text.rfind("\n", 0, pos)
             raise DataError(f"{path}:{index.line(pos)}: invalid JSON: expected ',' or ']' after a record (col {col})")
         pos = _WHITESPACE.match(text, pos + 1).end()
-    rest = text[pos + 1:]
+    rest = text[pos + 1 :]
     if rest.strip():
         raise DataError(f"{path}:{index.line(pos + 1 + len(rest) - len(rest.lstrip()))}: extra data after the list")
     return parsed
@@ -449,9 +453,15 @@ def check_readable_file(path: Path) -> None:
         raise DataError(f"data path is not a file: {path}")
 
 
-def load_records(path: str | Path, columns: dict[str, str] | None = None, task: str = "",
-                 on_invalid: OnInvalid = "error", *, kind: Kind = "pairwise",
-                 max_record_bytes: int = MAX_RECORD_BYTES) -> LoadResult:
+def load_records(
+    path: str | Path,
+    columns: dict[str, str] | None = None,
+    task: str = "",
+    on_invalid: OnInvalid = "error",
+    *,
+    kind: Kind = "pairwise",
+    max_record_bytes: int = MAX_RECORD_BYTES,
+) -> LoadResult:
     """Read a JSON list or JSONL file of ``prompt/chosen/rejected`` records; see the module docstring for the policy.
 
     ``id`` defaults to ``f"{task or file stem}:{line}"``; ``columns`` renames file keys to ours.
@@ -483,8 +493,9 @@ def load_records(path: str | Path, columns: dict[str, str] | None = None, task: 
     skipped.update(no_signal)
     if parsed.blank_lines:
         notes["blank_lines"] = parsed.blank_lines
-    result = LoadResult(records=kept, skipped=dict(skipped), n_read=len(parsed.items), n_lines=parsed.n_lines,
-                        notes=dict(notes))
+    result = LoadResult(
+        records=kept, skipped=dict(skipped), n_read=len(parsed.items), n_lines=parsed.n_lines, notes=dict(notes)
+    )
     log_summary(str(path), result, errors)
     return result
 
@@ -508,9 +519,10 @@ def load_source(spec: str, split: str, section: TaskSection, data: DataSection) 
     if spec.startswith("hub:"):
         from lifealign.data.hub import load_hub_task  # datasets is slow to import; only hub users pay for it
 
-        name, _, hub_split = spec[len("hub:"):].partition(":")
-        return load_hub_task(name, split, hub_split=hub_split or None, task=section.name, kind=section.kind,
-                             on_invalid=data.on_invalid)
+        name, _, hub_split = spec[len("hub:") :].partition(":")
+        return load_hub_task(
+            name, split, hub_split=hub_split or None, task=section.name, kind=section.kind, on_invalid=data.on_invalid
+        )
     path = Path(spec).expanduser()
     if not path.is_file():
         what = "not found" if not path.exists() else "is not a file"
@@ -522,13 +534,17 @@ def synthetic_task(section: TaskSection, seed: int) -> Task:
     """``synthetic:<name>``: the offline suite (lifealign.data.synthetic), sized by max_train / max_test."""
     from lifealign.data.synthetic import make_synthetic_task  # written separately; imported only when used
 
-    names = {s[len("synthetic:"):] for s in (section.train, section.test) if s and s.startswith("synthetic:")}
+    names = {s[len("synthetic:") :] for s in (section.train, section.test) if s and s.startswith("synthetic:")}
     if len(names) != 1:
         raise DataError(f"task {section.name!r}: train and test name different synthetic tasks: {sorted(names)}")
     name = names.pop()
     try:
-        return make_synthetic_task(name, seed=seed, n_train=section.max_train or DEFAULT_SYNTHETIC_TRAIN,
-                                   n_test=section.max_test or DEFAULT_SYNTHETIC_TEST)
+        return make_synthetic_task(
+            name,
+            seed=seed,
+            n_train=section.max_train or DEFAULT_SYNTHETIC_TRAIN,
+            n_test=section.max_test or DEFAULT_SYNTHETIC_TEST,
+        )
     except ValueError as e:
         raise DataError(f"task {section.name!r}: {e}") from e
 
@@ -540,8 +556,10 @@ def check_usable(section: TaskSection, split: str, result: LoadResult, data: Dat
         raise DataError(f"task {section.name!r} has 0 usable {split} records ({result.n_skipped} skipped: {reasons})")
     fraction = result.n_skipped / max(result.n_read, 1)
     if fraction > data.max_skipped_fraction:
-        raise DataError(f"task {section.name!r}: {result.n_skipped} of {result.n_read} {split} records skipped "
-                        f"({fraction:.1%} > data.max_skipped_fraction={data.max_skipped_fraction}): {reasons}")
+        raise DataError(
+            f"task {section.name!r}: {result.n_skipped} of {result.n_read} {split} records skipped "
+            f"({fraction:.1%} > data.max_skipped_fraction={data.max_skipped_fraction}): {reasons}"
+        )
 
 
 def split_spec(section: TaskSection, split: str) -> str | None:
@@ -594,4 +612,3 @@ def load_stream(sections: Iterable[TaskSection], data: DataSection, seed: int = 
     if duplicated:
         raise DataError(f"task names must be unique in a stream; repeated: {', '.join(duplicated)}")
     return TaskStream([load_task(s, data, seed) for s in sections])
-

@@ -226,6 +226,8 @@ _POLITE_REPLIES = (
     "We apologize that your {product} arrived {problem}. A full refund is on its way.",
     "Sorry your {product} arrived {problem}. A new one ships today, free of charge.",
 )
+
+
 def _support_pair(rng: random.Random) -> PreferencePair:
     product, problem = rng.choice(_PRODUCTS), rng.choice(_PROBLEMS)
     prompt = rng.choice(_SUPPORT_TEMPLATES).format(product=product, problem=problem, order=rng.randint(1000, 9999))

@@ -88,8 +88,9 @@ def with_eos(text: str, eos_token: str | None) -> str:
 
 
 def chat_ids(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> list[int]:
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            add_generation_prompt=add_generation_prompt)
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
     return list(encoded["input_ids"])
 
 
@@ -121,8 +122,9 @@ def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
     return n
 
 
-def encode_pair(record: PreferencePair, tokenizer: Any, chat: bool,
-                sides: Sequence[str] = ("chosen", "rejected")) -> tuple[list[int], dict[str, list[int]], list[int]]:
+def encode_pair(
+    record: PreferencePair, tokenizer: Any, chat: bool, sides: Sequence[str] = ("chosen", "rejected")
+) -> tuple[list[int], dict[str, list[int]], list[int]]:
     """Untruncated ``(prompt_ids, {side: response_ids}, dropped_prompt_ids)`` as trl 1.16 builds them.
 
     The prompt is cut to ``L = min_side lcp(prompt_ids, full_ids[side])`` and each response is ``full[L:]``;
@@ -136,8 +138,9 @@ def encode_pair(record: PreferencePair, tokenizer: Any, chat: bool,
     return prompt_ids[:n_prompt], responses, prompt_ids[n_prompt:]
 
 
-def truncate_pair(prompt_ids: list[int], responses: dict[str, list[int]], data: DataSection
-                  ) -> tuple[list[int], dict[str, list[int]], bool, bool] | None:
+def truncate_pair(
+    prompt_ids: list[int], responses: dict[str, list[int]], data: DataSection
+) -> tuple[list[int], dict[str, list[int]], bool, bool] | None:
     """Keep the prompt's last ``max_prompt_length`` tokens, then each response's first ``max_length - len(prompt)``.
 
     Returns ``(prompt_ids, responses, prompt_truncated, response_truncated)``, or None when fewer than
@@ -145,7 +148,7 @@ def truncate_pair(prompt_ids: list[int], responses: dict[str, list[int]], data: 
     """
     prompt_truncated = len(prompt_ids) > data.max_prompt_length
     if prompt_truncated:
-        prompt_ids = prompt_ids[-data.max_prompt_length:]
+        prompt_ids = prompt_ids[-data.max_prompt_length :]
     budget = data.max_length - len(prompt_ids)
     if budget < data.min_response_tokens:
         return None
@@ -159,13 +162,17 @@ def has_duplicate_bos(ids: Sequence[int], tokenizer: Any) -> bool:
 
 
 def warn_prompt_not_prefix(record: PreferencePair, dropped: list[int], tokenizer: Any) -> None:
-    logger.warning("record %s: the tokenised prompt is not a prefix of prompt+response; the response starts where "
-                   "they diverge and the prompt end %r is left out (counted as prompt_not_prefix)", record.id,
-                   tokenizer.decode(dropped))
+    logger.warning(
+        "record %s: the tokenised prompt is not a prefix of prompt+response; the response starts where "
+        "they diverge and the prompt end %r is left out (counted as prompt_not_prefix)",
+        record.id,
+        tokenizer.decode(dropped),
+    )
 
 
-def tokenize_pairs(records: Sequence[PreferencePair], tokenizer: Any, data: DataSection,
-                   sides: Sequence[str] = ("chosen", "rejected")) -> TokenizedSet:
+def tokenize_pairs(
+    records: Sequence[PreferencePair], tokenizer: Any, data: DataSection, sides: Sequence[str] = ("chosen", "rejected")
+) -> TokenizedSet:
     """Tokenise and truncate pairs (see the module docstring); ``sides=("rejected",)`` for negative-only tasks.
 
     ``example["index"]`` is the example's position in ``TokenizedSet.examples`` (0..n-1, contiguous even when
@@ -215,4 +222,4 @@ def log_tokenize_summary(stats: Counter[str]) -> None:
 def tokenize_prompts(prompts: Sequence[Prompt], tokenizer: Any, data: DataSection) -> list[list[int]]:
     """Prompt ids for generation, rendered as in ``tokenize_pairs`` and keeping the last ``max_prompt_length``."""
     chat = uses_chat_template(tokenizer, data)
-    return [encode_prompt(p, tokenizer, chat)[-data.max_prompt_length:] for p in prompts]
+    return [encode_prompt(p, tokenizer, chat)[-data.max_prompt_length :] for p in prompts]

@@ -11,9 +11,7 @@ from lifealign.losses.spec import LossInputs, LossOutput
 __all__ = ["fpo_loss"]
 
 
-def fpo_loss(
-    inputs: LossInputs, *, beta: float = 0.1, gamma: float = 2.0, detach_weight: bool = False
-) -> LossOutput:
+def fpo_loss(inputs: LossInputs, *, beta: float = 0.1, gamma: float = 2.0, detach_weight: bool = False) -> LossOutput:
     """``L = -(1 - sigma(r))^gamma * log sigma(r)`` with ``r = beta d`` (Eq. 1), per pair, shape ``(B,)``.
 
     ``gamma = 2`` is the paper's (and the authors' hard-coded) exponent; ``gamma = 0`` is DPO. The focal weight

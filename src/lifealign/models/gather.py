@@ -234,7 +234,10 @@ def _dtensor_gathered(model: nn.Module, params: list[nn.Parameter], modify: bool
                     edited = module._parameters[name]
                     assert edited is not None
                     shard = distribute_tensor(
-                        edited.detach(), original.device_mesh, original.placements, src_data_rank=0  # type: ignore[attr-defined]
+                        edited.detach(),
+                        original.device_mesh,
+                        original.placements,
+                        src_data_rank=0,  # type: ignore[attr-defined]
                     )
                     original.to_local().copy_(shard.to_local())  # type: ignore[attr-defined]
     finally:

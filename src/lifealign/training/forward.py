@@ -112,7 +112,9 @@ def adapter_swapped(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> I
         load_lora_state(model, current)
 
 
-def reference_policy(model: torch.nn.Module, previous_state: dict[str, torch.Tensor] | None) -> contextlib.AbstractContextManager:
+def reference_policy(
+    model: torch.nn.Module, previous_state: dict[str, torch.Tensor] | None
+) -> contextlib.AbstractContextManager:
     """The reference as a context: ``base`` (adapter disabled) when no previous adapter state is given."""
     if previous_state is None:
         return reference_context(model)

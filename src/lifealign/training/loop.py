@@ -78,7 +78,9 @@ class LoopServices:
     global_step: int = 0
 
 
-def total_steps(n_examples: int, epochs: float, max_steps: int | None, micro_batch: int, grad_accum: int, world: int) -> int:
+def total_steps(
+    n_examples: int, epochs: float, max_steps: int | None, micro_batch: int, grad_accum: int, world: int
+) -> int:
     """Optimizer steps of a stage: ``max_steps`` or ``ceil(epochs * n / (micro_batch * grad_accum * world))``."""
     if max_steps is not None:
         return max_steps
@@ -297,7 +299,9 @@ def train_task(
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
             consecutive += 1
-            logger.warning("non-finite loss or gradient at %s/%s step %d: update skipped", plan.task.name, plan.stage, step)
+            logger.warning(
+                "non-finite loss or gradient at %s/%s step %d: update skipped", plan.task.name, plan.stage, step
+            )
         services.global_step += 1
         metrics = means.result()
         record = {
@@ -315,7 +319,10 @@ def train_task(
         }
         if acc.is_main_process and ((step + 1) % cfg.log_every == 0 or not finite or step + 1 == steps):
             services.write_metrics(record)
-        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
+        bar.set_postfix(
+            loss=f"{metrics.get('loss', float('nan')):.4f}",
+            acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
+        )
         if consecutive >= cfg.max_consecutive_nonfinite:
             raise NonFiniteLossError(
                 f"non-finite loss for {consecutive} consecutive steps at task {plan.task.name!r} "

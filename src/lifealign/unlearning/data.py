@@ -108,8 +108,10 @@ def pool_data(task: Task, section: UnlearnSection, data: DataSection) -> U2AData
         if section.preference is None:
             raise ValueError(f"task {task.name!r} is negative-only: set unlearn.preference (the preference pairs)")
         preference = load_spec(section.preference, f"{task.name}-preference", data)
-        out = U2AData(candidates=[as_forget(r) for r in task.train],
-                      preference=preference[: section.max_preference] if section.max_preference else preference)
+        out = U2AData(
+            candidates=[as_forget(r) for r in task.train],
+            preference=preference[: section.max_preference] if section.max_preference else preference,
+        )
         out.retain = _retain_from(preference)
     if section.retain_data is not None:
         out.retain = _retain_from(load_spec(section.retain_data, f"{task.name}-retain", data))
@@ -132,12 +134,17 @@ def stream_data(
         retain = _retain_from(load_spec(section.retain_data, f"{task.name}-retain", data))
     else:
         retain = _retain_from(with_chosen) or _retain_from([r for t in earlier for r in t.train])
-    return U2AData(candidates=[as_forget(r) for r in records if r.rejected.strip()], preference=preference,
-                   retain=retain, test=list(task.test))
+    return U2AData(
+        candidates=[as_forget(r) for r in records if r.rejected.strip()],
+        preference=preference,
+        retain=retain,
+        test=list(task.test),
+    )
 
 
-def tokenize_side(records: Sequence[PreferencePair], tokenizer: Any, data: DataSection,
-                  sides: tuple[str, ...]) -> list[dict[str, Any]]:
+def tokenize_side(
+    records: Sequence[PreferencePair], tokenizer: Any, data: DataSection, sides: tuple[str, ...]
+) -> list[dict[str, Any]]:
     """Tokenised examples of ``records`` for ``sides`` (``("rejected",)`` forget, ``("chosen",)`` retain/SFT)."""
     return tokenize_pairs(records, tokenizer, data, sides=sides).examples if records else []
 

@@ -72,8 +72,9 @@ def prepare_eval_sets(
 
 
 @torch.no_grad()
-def token_nll_rows(model: nn.Module, examples: Sequence[dict[str, Any]], side: str, pad_id: int,
-                   batch_size: int = 8) -> list[tuple[float, float]]:
+def token_nll_rows(
+    model: nn.Module, examples: Sequence[dict[str, Any]], side: str, pad_id: int, batch_size: int = 8
+) -> list[tuple[float, float]]:
     """Per example ``(-log pi(y), |y|)`` for the response of ``side``."""
     rows: list[tuple[float, float]] = []
     with eval_mode(model):
@@ -90,8 +91,9 @@ def pooled_nll(rows: Sequence[tuple[float, float]]) -> float:
     return sum(nll for nll, _ in rows) / tokens if tokens else math.nan
 
 
-def mean_token_nll(model: nn.Module, examples: Sequence[dict[str, Any]], side: str, pad_id: int,
-                   batch_size: int = 8) -> float:
+def mean_token_nll(
+    model: nn.Module, examples: Sequence[dict[str, Any]], side: str, pad_id: int, batch_size: int = 8
+) -> float:
     """``-sum log pi(y) / sum |y|`` over the responses of ``side`` (NaN when there are none)."""
     return pooled_nll(token_nll_rows(model, examples, side, pad_id, batch_size))
 
@@ -118,15 +120,21 @@ def evaluate_unlearning(
         policy = sharded_pair_logps(ctx, sets.test)
     metrics: dict[str, float] = {}
     if sets.test:
-        accuracy, margin = preference_accuracy(policy.chosen, policy.rejected, sets.ref_chosen, sets.ref_rejected,
-                                               beta=beta)
-        inputs = LossInputs(chosen_logps=policy.chosen, rejected_logps=policy.rejected,
-                            ref_chosen_logps=sets.ref_chosen, ref_rejected_logps=sets.ref_rejected)
+        accuracy, margin = preference_accuracy(
+            policy.chosen, policy.rejected, sets.ref_chosen, sets.ref_rejected, beta=beta
+        )
+        inputs = LossInputs(
+            chosen_logps=policy.chosen,
+            rejected_logps=policy.rejected,
+            ref_chosen_logps=sets.ref_chosen,
+            ref_rejected_logps=sets.ref_rejected,
+        )
         objective = float(LOSSES["dpo"].fn(inputs, beta=beta).losses.mean())
         metrics.update(pref_acc=accuracy, margin=margin, J=objective, delta_J=objective - LN2)
     for key, examples, side in (("forget_nll", sets.forget, "rejected"), ("retain_nll", sets.retain, "chosen")):
-        rows = ctx.map_sharded(examples, lambda part, side=side: token_nll_rows(model, part, side, pad_id,
-                                                                                 eval_cfg.batch_size))
+        rows = ctx.map_sharded(
+            examples, lambda part, side=side: token_nll_rows(model, part, side, pad_id, eval_cfg.batch_size)
+        )
         metrics[key] = pooled_nll(rows)
     extra = [s for s in scorers if s.name != "pref_acc"]
     if extra and sets.task.test:

@@ -137,9 +137,7 @@ def _autocast(precision: Precision, model: nn.Module) -> contextlib.AbstractCont
 # ----- losses ----------------------------------------------------------------------------------------------------
 
 
-def per_example_unlearn_losses(
-    loss: CombinedLoss, policy: dict[str, Tensor], ref_logps: Tensor | None
-) -> Tensor:
+def per_example_unlearn_losses(loss: CombinedLoss, policy: dict[str, Tensor], ref_logps: Tensor | None) -> Tensor:
     """``l_i`` for each example ``(B,)``: the weighted sum of the loss's terms, un-reduced (the minimised loss)."""
     inputs = loss_inputs(policy, ref_logps, FORGET)
     return torch.stack([term.weight * term(inputs).losses for term in loss.terms]).sum(0)
@@ -327,7 +325,9 @@ def unlearn_hvp(
             for start in range(0, n, batch_size):
                 batch = collate_pairs(examples[start : start + batch_size], pad_id, sides=FORGET)
                 policy = batch_logps(model, batch)
-                losses = per_example_unlearn_losses(loss, policy, _ref_rows(ref_logps, slice(start, start + batch_size)))
+                losses = per_example_unlearn_losses(
+                    loss, policy, _ref_rows(ref_logps, slice(start, start + batch_size))
+                )
                 part = (weights[start : start + batch_size].to(losses) * losses).sum() / n
                 grads = torch.autograd.grad(part, params, create_graph=True)
                 dot = sum((g * t).sum() for g, t in zip(grads, vs))
@@ -439,10 +439,26 @@ def impact_scores(
     direction = grad_j
     if hessian != "identity":
         weights = hessian_weights if hessian_weights is not None else torch.ones(len(hessian_examples))
-        hvp = unlearn_hvp(model, hessian_examples, weights, loss, pad_id=pad_id, reg_weight=reg_weight,
-                          ref_logps=hessian_ref_logps, batch_size=batch_size)
+        hvp = unlearn_hvp(
+            model,
+            hessian_examples,
+            weights,
+            loss,
+            pad_id=pad_id,
+            reg_weight=reg_weight,
+            ref_logps=hessian_ref_logps,
+            batch_size=batch_size,
+        )
         solved = inverse_hvp(hessian, hvp, flatten_direction(grad_j), damping=damping, iters=iters, scale=lissa_scale)
         direction = unflatten_direction(solved, grad_j)
-    scores = fast_scores(model, candidates, direction, loss, pad_id=pad_id, ref_logps=cand_ref_logps,
-                         batch_size=batch_size, precision=precision)
+    scores = fast_scores(
+        model,
+        candidates,
+        direction,
+        loss,
+        pad_id=pad_id,
+        ref_logps=cand_ref_logps,
+        batch_size=batch_size,
+        precision=precision,
+    )
     return ScoreResult(scores=scores, objective=objective, grad_norm=float(flatten_direction(grad_j).norm()))

@@ -64,9 +64,18 @@ def inner_plugins(
     if OBJECTIVES[objective].uses_retain:
         if not retain:
             raise ValueError(f"{label}: objective {objective!r} needs retain sequences (set unlearn.retain_data)")
-        plugins.append(RetainPlugin(retain, pad_id=pad_id, mode=section.retain, weight=section.retain_weight,
-                                    batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                                    reference_state=reference_state))
+        plugins.append(
+            RetainPlugin(
+                retain,
+                pad_id=pad_id,
+                mode=section.retain,
+                weight=section.retain_weight,
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                seed=seed,
+                reference_state=reference_state,
+            )
+        )
     if with_guard and section.max_forget_nll is not None:
         plugins.append(ForgetNLLGuard(section.max_forget_nll, section.stop_patience, label=label))
     return plugins
@@ -116,8 +125,17 @@ class InnerSolver:
         resume: dict[str, Any] | None = None,
     ) -> SolveOutcome:
         """Train ``max_steps`` optimizer steps on ``examples`` (``index`` = position) with per-example ``weights``."""
-        plan = StagePlan(self.task_index, task, "unlearn", loss, self.lr, epochs=1.0, max_steps=max_steps,
-                         example_weights=weights, reference_state=self.reference_state)
+        plan = StagePlan(
+            self.task_index,
+            task,
+            "unlearn",
+            loss,
+            self.lr,
+            epochs=1.0,
+            max_steps=max_steps,
+            example_weights=weights,
+            reference_state=self.reference_state,
+        )
         services = self.services
         restore_stage_plugins(plugins, resume)
 
@@ -133,9 +151,17 @@ class InnerSolver:
         finally:
             services.plugins, services.save_checkpoint = own_plugins, own_save
         if result.stopped is not None:
-            event = {**result.stopped, "method": services.method_name, "task": task.name,
-                     "global_step": services.global_step}
+            event = {
+                **result.stopped,
+                "method": services.method_name,
+                "task": task.name,
+                "global_step": services.global_step,
+            }
             services.write_metrics(event)
             return SolveOutcome(planned_steps=max_steps, steps=result.steps, stopped=event)
-        return SolveOutcome(planned_steps=max_steps, steps=result.steps, nonfinite_skipped=result.nonfinite_skipped,
-                            metrics=dict(result.last_metrics))
+        return SolveOutcome(
+            planned_steps=max_steps,
+            steps=result.steps,
+            nonfinite_skipped=result.nonfinite_skipped,
+            metrics=dict(result.last_metrics),
+        )

@@ -90,14 +90,24 @@ class RetainPlugin(Plugin):
         self._step = step
         acc = ctx.extras.get("accelerator")
         rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-        return micro_batch_indices(len(self.examples), self.seed, step, self._micro % self.grad_accum,
-                                   self.grad_accum, self.batch_size, rank, world)
+        return micro_batch_indices(
+            len(self.examples),
+            self.seed,
+            step,
+            self._micro % self.grad_accum,
+            self.grad_accum,
+            self.batch_size,
+            rank,
+            world,
+        )
 
     def extra_loss(self, ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]) -> Tensor | None:
         if self.weight == 0:
             return None
         retain = collate_pairs([self.examples[i] for i in self._next_indices(ctx)], self.pad_id, sides=RETAIN)
-        term = retain_kl(ctx.model, retain, self.reference_state) if self.mode == "kl" else retain_nll(ctx.model, retain)
+        term = (
+            retain_kl(ctx.model, retain, self.reference_state) if self.mode == "kl" else retain_nll(ctx.model, retain)
+        )
         return self.weight * term
 
 
@@ -111,8 +121,11 @@ def retain_kl(model: nn.Module, batch: dict[str, Any], reference_state: dict[str
     """Token-weighted mean ``KL(pi_ref || pi_theta)`` over response positions (the reference is the original model:
     adapter disabled, or ``reference_state`` substituted functionally so no parameter is modified in place)."""
     device = next(model.parameters()).device
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
-              "use_cache": False}
+    inputs = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+        "use_cache": False,
+    }
     policy_logits = model(**inputs).logits
     with torch.no_grad():
         if reference_state is None:

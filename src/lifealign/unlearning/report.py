@@ -33,7 +33,10 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def selection_summary(
-    scores: Sequence[float], selected: Sequence[int], weights: Sequence[float], n_tokens: Sequence[int],
+    scores: Sequence[float],
+    selected: Sequence[int],
+    weights: Sequence[float],
+    n_tokens: Sequence[int],
     initial_nll: Sequence[float],
 ) -> dict[str, Any]:
     """Statistics of the selected subset vs all candidates (scores, response tokens, original NLL, weights)."""
@@ -119,7 +122,12 @@ def render_unlearn_report(results: Mapping[str, Any], figures: Mapping[str, str]
     lines += [*_dict_lines(u2a.get("selection", {})), ""]
     rounds = u2a.get("rounds", [])
     if rounds:
-        lines += ["## Rounds", "", "| round | J on D_pa | grad norm | scores > 0 | steps | stopped |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Rounds",
+            "",
+            "| round | J on D_pa | grad norm | scores > 0 | steps | stopped |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in rounds:
             solve = r.get("solve") or {}
             lines.append(
@@ -148,8 +156,13 @@ def write_unlearn_outputs(run_dir: Path, results: dict[str, Any]) -> Path:
     table = results.get("table", {})
     rows = [(m, r["delta_J"]) for m, r in table.items() if isinstance(r.get("delta_J"), int | float)]
     if rows:
-        plot_bar([m for m, _ in rows], [v for _, v in rows], "delta J on held-out pairs (lower is better)",
-                 run_dir / "delta_J.png", ylabel="J - ln 2")
+        plot_bar(
+            [m for m, _ in rows],
+            [v for _, v in rows],
+            "delta J on held-out pairs (lower is better)",
+            run_dir / "delta_J.png",
+            ylabel="J - ln 2",
+        )
         figures["delta_J"] = "delta_J.png"
     atomic_write_text(run_dir / RESULTS_FILE, json.dumps(nan_to_null(results), indent=2, allow_nan=False))
     report = run_dir / "report.md"

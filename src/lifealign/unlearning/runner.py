@@ -58,8 +58,9 @@ PAIR = ("chosen", "rejected")
 
 def config_hash(cfg: RunConfig) -> str:
     """sha256 of the trajectory-affecting config plus the ``unlearn`` and ``eval`` sections."""
-    extra = json.dumps({"unlearn": cfg.unlearn.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json")},
-                       sort_keys=True)
+    extra = json.dumps(
+        {"unlearn": cfg.unlearn.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json")}, sort_keys=True
+    )
     return hashlib.sha256((trajectory_hash(cfg) + extra).encode()).hexdigest()
 
 
@@ -69,8 +70,15 @@ class UnlearnRun:
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool | str = False):
         self.cfg, self.section, self.dir, self.resume = cfg, cfg.unlearn, Path(run_dir), resume
         self.hash = config_hash(cfg)
-        self.state: dict[str, Any] = {"done": [], "started": [], "progress": {}, "results": {}, "stages": {},
-                                      "events": [], "global_step": 0}
+        self.state: dict[str, Any] = {
+            "done": [],
+            "started": [],
+            "progress": {},
+            "results": {},
+            "stages": {},
+            "events": [],
+            "global_step": 0,
+        }
         self.position: dict[str, Any] = {}
         self.model: torch.nn.Module | None = None
         self.original_state: dict[str, torch.Tensor] = {}
@@ -79,12 +87,16 @@ class UnlearnRun:
     # ----- setup -------------------------------------------------------------------------------------------------
     def _load_data(self) -> U2AData:
         if len(self.cfg.tasks) != 1:
-            raise ValueError(f"lifealign unlearn takes exactly one task (the pool); the config lists {len(self.cfg.tasks)}")
+            raise ValueError(
+                f"lifealign unlearn takes exactly one task (the pool); the config lists {len(self.cfg.tasks)}"
+            )
         self.task = load_stream(self.cfg.tasks, self.cfg.data)[0]
         data = pool_data(self.task, self.section, self.cfg.data)
         if not data.candidates or not data.preference:
-            raise ValueError(f"task {self.task.name!r}: U2A needs forget candidates and preference pairs, got "
-                             f"{data.sizes()} (check unlearn.pa_ratio / negative_ratio / forget_ratio)")
+            raise ValueError(
+                f"task {self.task.name!r}: U2A needs forget candidates and preference pairs, got "
+                f"{data.sizes()} (check unlearn.pa_ratio / negative_ratio / forget_ratio)"
+            )
         if not data.test:
             raise ValueError(f"task {self.task.name!r}: the evaluation needs held-out pairs (tasks.0.test)")
         return data
@@ -115,8 +127,15 @@ class UnlearnRun:
             load_lora_state(peft, saved)
         else:
             examples = reindex(tokenize_side(self.data.original, self.tokenizer, self.cfg.data, ("chosen",)))
-            plan = StagePlan(0, Task("original", []), "sft", bind_losses([LossTerm(name="sft")], "sft"),
-                             self.section.original_sft_lr, 1.0, max_steps=steps)
+            plan = StagePlan(
+                0,
+                Task("original", []),
+                "sft",
+                bind_losses([LossTerm(name="sft")], "sft"),
+                self.section.original_sft_lr,
+                1.0,
+                max_steps=steps,
+            )
             services = self._services("original")
             ctx = PluginContext(model=peft, tokenizer=self.tokenizer, task=plan.task, task_index=0, config=self.cfg)
             train_task(peft, examples, plan, services, ctx)
@@ -128,9 +147,16 @@ class UnlearnRun:
         return peft.merge_and_unload()
 
     def _services(self, method: str) -> LoopServices:
-        return LoopServices(accelerator=self.acc, tokenizer=self.tokenizer, train_cfg=self.cfg.train, plugins=[],
-                            write_metrics=self.metrics.write, save_checkpoint=lambda *a: None, method_name=method,
-                            global_step=self.state["global_step"])
+        return LoopServices(
+            accelerator=self.acc,
+            tokenizer=self.tokenizer,
+            train_cfg=self.cfg.train,
+            plugins=[],
+            write_metrics=self.metrics.write,
+            save_checkpoint=lambda *a: None,
+            method_name=method,
+            global_step=self.state["global_step"],
+        )
 
     def _setup(self) -> None:
         from lifealign.models.load import load_model_and_tokenizer
@@ -146,8 +172,9 @@ class UnlearnRun:
             self.state = ckpt.state["run"]
         if self.acc.is_main_process:
             write_resolved_config(cfg, self.dir)
-            (self.dir / "data_summary.json").write_text(json.dumps({"task": self.task.name, **self.data.sizes(),
-                                                                    "skipped": self.task.skipped}, indent=2))
+            (self.dir / "data_summary.json").write_text(
+                json.dumps({"task": self.task.name, **self.data.sizes(), "skipped": self.task.skipped}, indent=2)
+            )
         base, self.tokenizer = load_model_and_tokenizer(cfg.model)
         base = self._original_model(base, ckpt)
         torch.manual_seed(cfg.train.seed)
@@ -158,9 +185,12 @@ class UnlearnRun:
         if ckpt is not None:
             load_lora_state(self.unwrapped, ckpt.tensors("adapter"))
             if ckpt.state.get("loop"):
-                self._loop_resume = {**ckpt.state["loop"], "optimizer": ckpt.optimizer_state(),
-                                     "ref_logps": ckpt.tensors("loop").get("ref_logps"),
-                                     "phase": ckpt.state["position"]["phase"]}
+                self._loop_resume = {
+                    **ckpt.state["loop"],
+                    "optimizer": ckpt.optimizer_state(),
+                    "ref_logps": ckpt.tensors("loop").get("ref_logps"),
+                    "phase": ckpt.state["position"]["phase"],
+                }
         self._prepare_sets()
 
     def _prepare_sets(self) -> None:
@@ -170,23 +200,49 @@ class UnlearnRun:
         self.preference = reindex(tokenize_pairs(self.data.preference, tok, cfg.data).examples)
         self.retain = reindex(tokenize_side(self.data.retain, tok, cfg.data, ("chosen",)))
         bs = self.section.score_batch_size
-        self.pref_ref = compute_reference_logps(model, self.preference, self.pad_id, PAIR,
-                                                lambda: reference_context(model), bs)
-        self.cand_ref = compute_reference_logps(model, self.candidates, self.pad_id, FORGET_SIDES,
-                                                lambda: reference_context(model), bs)
-        self.eval_sets = prepare_eval_sets(model, tok, cfg.data, self.data.test, self.candidates, self.retain,
-                                           limit=cfg.eval.max_examples, batch_size=cfg.eval.batch_size)
+        self.pref_ref = compute_reference_logps(
+            model, self.preference, self.pad_id, PAIR, lambda: reference_context(model), bs
+        )
+        self.cand_ref = compute_reference_logps(
+            model, self.candidates, self.pad_id, FORGET_SIDES, lambda: reference_context(model), bs
+        )
+        self.eval_sets = prepare_eval_sets(
+            model,
+            tok,
+            cfg.data,
+            self.data.test,
+            self.candidates,
+            self.retain,
+            limit=cfg.eval.max_examples,
+            batch_size=cfg.eval.batch_size,
+        )
         self.scorers = build_scorers(cfg)
-        self.ctx = PluginContext(model=model, tokenizer=tok, task=self.task, task_index=0, stage="unlearn",
-                                 config=cfg, extras={"accelerator": self.acc})
+        self.ctx = PluginContext(
+            model=model,
+            tokenizer=tok,
+            task=self.task,
+            task_index=0,
+            stage="unlearn",
+            config=cfg,
+            extras={"accelerator": self.acc},
+        )
 
     # ----- checkpoints and phases --------------------------------------------------------------------------------
-    def _save(self, loop_state: dict[str, Any] | None = None, loop_tensors: dict[str, torch.Tensor] | None = None,
-              optimizer_state: dict[str, Any] | None = None) -> None:
+    def _save(
+        self,
+        loop_state: dict[str, Any] | None = None,
+        loop_tensors: dict[str, torch.Tensor] | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+    ) -> None:
         if not self.acc.is_main_process:
             return
-        state = {"config_hash": self.hash, "position": self.position, "run": self.state, "loop": loop_state,
-                 "metrics_offset": self.metrics.offset}
+        state = {
+            "config_hash": self.hash,
+            "position": self.position,
+            "run": self.state,
+            "loop": loop_state,
+            "metrics_offset": self.metrics.offset,
+        }
         tensors = {
             "adapter": lora_state(self.unwrapped) if self.model is not None else {},
             "original": self.original_state,
@@ -223,33 +279,60 @@ class UnlearnRun:
             self.position = {"phase": method, "stage_step": loop_state["stage_step"]}
             self._save(loop_state, loop_tensors, opt)
 
-        return InnerSolver(model=self.model, services=services, ctx=self.ctx, task_index=0,
-                           lr=inner_lr(self.section, self.cfg.train), save_checkpoint=save_checkpoint)
+        return InnerSolver(
+            model=self.model,
+            services=services,
+            ctx=self.ctx,
+            task_index=0,
+            lr=inner_lr(self.section, self.cfg.train),
+            save_checkpoint=save_checkpoint,
+        )
 
     def _plugins(self, objective: str, label: str) -> list[Plugin]:
         train = self.cfg.train
-        return inner_plugins(self.section, objective, anchor=self.init_adapter, retain=self.retain,
-                             pad_id=self.pad_id, batch_size=train.batch_size, grad_accum=train.grad_accum,
-                             seed=train.seed, reference_state=None, label=label)
+        return inner_plugins(
+            self.section,
+            objective,
+            anchor=self.init_adapter,
+            retain=self.retain,
+            pad_id=self.pad_id,
+            batch_size=train.batch_size,
+            grad_accum=train.grad_accum,
+            seed=train.seed,
+            reference_state=None,
+            label=label,
+        )
 
     # ----- methods -----------------------------------------------------------------------------------------------
     def _run_u2a(self) -> None:
         self._start("u2a")
         loss = forget_loss(self.section)
         solver = self._solver("u2a")
-        procedure = U2A(self.section, self.cfg.train, self.unwrapped, self.pad_id, loss, solver,
-                        plugins=lambda label: self._plugins(self.section.objective, f"u2a/{label}"),
-                        task=Task("u2a", []))
-        inputs = U2AInputs(self.candidates, self.preference, self.pref_ref,
-                           self.cand_ref if loss.needs_reference else None)
+        procedure = U2A(
+            self.section,
+            self.cfg.train,
+            self.unwrapped,
+            self.pad_id,
+            loss,
+            solver,
+            plugins=lambda label: self._plugins(self.section.objective, f"u2a/{label}"),
+            task=Task("u2a", []),
+        )
+        inputs = U2AInputs(
+            self.candidates, self.preference, self.pref_ref, self.cand_ref if loss.needs_reference else None
+        )
 
         def commit(progress: U2AProgress) -> None:
             self.state["progress"]["u2a"] = progress.to_json()
             self.state["global_step"] = solver.services.global_step
             self._save()
 
-        progress = procedure.run(inputs, U2AProgress.from_json(self.state["progress"].get("u2a")), commit,
-                                 resume_loop=lambda: self._take_loop_resume("u2a"))
+        progress = procedure.run(
+            inputs,
+            U2AProgress.from_json(self.state["progress"].get("u2a")),
+            commit,
+            resume_loop=lambda: self._take_loop_resume("u2a"),
+        )
         n_selected = len(progress.selected) or choose_k(len(self.candidates), self.section.k, self.section.k_fraction)
         self.state["budget"] = u2a_budget(self.section, self.cfg.train, n_selected)
         self.state["stages"]["u2a"] = {
@@ -259,16 +342,32 @@ class UnlearnRun:
 
     def _run_baseline(self, name: str) -> None:
         self._start(name)
-        job = BASELINES[name](BaselineContext(self.section, self.candidates, self.preference,
-                                              self.state["progress"]["u2a"]["selected"], self.cfg.train.seed))
+        job = BASELINES[name](
+            BaselineContext(
+                self.section,
+                self.candidates,
+                self.preference,
+                self.state["progress"]["u2a"]["selected"],
+                self.cfg.train.seed,
+            )
+        )
         if job.empty:
             self.state["results"][name] = {"skipped": "U2A selected no candidate, so there is no subset of its size"}
             return
         plugins = self._plugins(job.objective, name) if job.objective else []
-        outcome = self._solver(name).solve(Task(name, []), job.examples, job.loss, max_steps=self.state["budget"],
-                                           plugins=plugins, resume=self._take_loop_resume(name))
-        self.state["stages"][name] = {"steps": outcome.steps, "stopped": outcome.stopped is not None,
-                                      "examples": len(job.examples)}
+        outcome = self._solver(name).solve(
+            Task(name, []),
+            job.examples,
+            job.loss,
+            max_steps=self.state["budget"],
+            plugins=plugins,
+            resume=self._take_loop_resume(name),
+        )
+        self.state["stages"][name] = {
+            "steps": outcome.steps,
+            "stopped": outcome.stopped is not None,
+            "examples": len(job.examples),
+        }
         if outcome.stopped is not None:
             self.state["events"].append(outcome.stopped)
 
@@ -277,9 +376,16 @@ class UnlearnRun:
             return
         if name == "original":
             self._start(name)
-        metrics = evaluate_unlearning(self.unwrapped, self.tokenizer, self.eval_sets, beta=self.section.dpo_beta,
-                                      data=self.cfg.data, eval_cfg=self.cfg.eval, scorers=self.scorers,
-                                      shard=Shard(self.acc.process_index, self.acc.num_processes))
+        metrics = evaluate_unlearning(
+            self.unwrapped,
+            self.tokenizer,
+            self.eval_sets,
+            beta=self.section.dpo_beta,
+            data=self.cfg.data,
+            eval_cfg=self.cfg.eval,
+            scorers=self.scorers,
+            shard=Shard(self.acc.process_index, self.acc.num_processes),
+        )
         stage = self.state["stages"].get(name, {"steps": 0, "stopped": False})
         self.state["results"][name] = {**metrics, "steps": stage["steps"], "stopped": stage["stopped"]}
         self.metrics.write({"event": "eval", "method": name, **metrics})
@@ -315,11 +421,16 @@ class UnlearnRun:
             "dpo_beta": self.section.dpo_beta,
             "weight_sign": self.section.weight_sign,
             "budget": self.state.get("budget"),
-            "data": {"task": self.task.name, **self.data.sizes(), "tokenized_candidates": len(self.candidates),
-                     "tokenized_preference": len(self.preference)},
+            "data": {
+                "task": self.task.name,
+                **self.data.sizes(),
+                "tokenized_candidates": len(self.candidates),
+                "tokenized_preference": len(self.preference),
+            },
             "u2a": {
-                "selection": selection_summary(progress.scores or [], progress.selected, progress.weights, n_tokens,
-                                               initial_nll),
+                "selection": selection_summary(
+                    progress.scores or [], progress.selected, progress.weights, n_tokens, initial_nll
+                ),
                 "selected_ids": [ids[i] for i in progress.selected],
                 "weights": progress.weights,
                 "rounds": progress.rounds,

@@ -41,7 +41,7 @@ def _stored_anchor(runner: Any) -> dict[str, torch.Tensor]:
     """The starting adapter saved with this stage's commits (read back from the newest checkpoint)."""
     ckpt = runner.checkpointer.latest()
     tensors = ckpt.tensors("loop") if ckpt is not None else {}
-    anchor = {k[len(ANCHOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(ANCHOR_PREFIX)}
+    anchor = {k[len(ANCHOR_PREFIX) :]: v for k, v in tensors.items() if k.startswith(ANCHOR_PREFIX)}
     if not anchor:
         raise RuntimeError("resuming an unlearning stage whose starting adapter is not in the checkpoint")
     return anchor
@@ -66,7 +66,9 @@ def unlearn_stage(runner: Any, task: Task, index: int, ctx: PluginContext) -> No
     if not candidates:
         raise ValueError(f"task {task.name!r}, stage unlearn: no negative response to unlearn after tokenisation")
     objective = section.objective
-    retain = reindex(tokenize_side(data.retain, tok, cfg.data, ("chosen",))) if OBJECTIVES[objective].uses_retain else []
+    retain = (
+        reindex(tokenize_side(data.retain, tok, cfg.data, ("chosen",))) if OBJECTIVES[objective].uses_retain else []
+    )
     entry = runner.state.stage_results.get(key, {})
     anchor = _stored_anchor(runner) if entry else lora_state(model)
     anchor_tensors = {ANCHOR_PREFIX + k: v for k, v in anchor.items()}
@@ -80,38 +82,89 @@ def unlearn_stage(runner: Any, task: Task, index: int, ctx: PluginContext) -> No
         runner.mark_position(key, committed=True)
         runner.save(None, anchor_tensors, None)
 
-    solver = InnerSolver(model=runner.model, services=runner.services, ctx=ctx, task_index=index,
-                         lr=inner_lr(section, cfg.train), save_checkpoint=save_checkpoint,
-                         reference_state=runner.reference_state)
+    solver = InnerSolver(
+        model=runner.model,
+        services=runner.services,
+        ctx=ctx,
+        task_index=index,
+        lr=inner_lr(section, cfg.train),
+        save_checkpoint=save_checkpoint,
+        reference_state=runner.reference_state,
+    )
     train = cfg.train
 
     def plugins(label: str) -> list:
-        return inner_plugins(section, objective, anchor=anchor, retain=retain, pad_id=pad_id,
-                             batch_size=train.batch_size, grad_accum=train.grad_accum, seed=train.seed,
-                             reference_state=runner.reference_state, label=f"{task.name}/{label}")
+        return inner_plugins(
+            section,
+            objective,
+            anchor=anchor,
+            retain=retain,
+            pad_id=pad_id,
+            batch_size=train.batch_size,
+            grad_accum=train.grad_accum,
+            seed=train.seed,
+            reference_state=runner.reference_state,
+            label=f"{task.name}/{label}",
+        )
 
     loss = forget_loss(section)
     base = {"objective": objective, "examples": len(candidates), "candidates": len(data.candidates)}
     if section.selection == "u2a" and data.preference:
-        summary = _run_u2a(runner, model, task, candidates, data.preference, loss, solver, plugins, entry, commit,
-                           lambda: runner.take_loop_resume(key))
+        summary = _run_u2a(
+            runner,
+            model,
+            task,
+            candidates,
+            data.preference,
+            loss,
+            solver,
+            plugins,
+            entry,
+            commit,
+            lambda: runner.take_loop_resume(key),
+        )
     else:
         if section.selection == "u2a":
-            logger.warning("task %r: no preference pairs for U2A's objective (set unlearn.preference); unlearning "
-                           "all %d negatives with equal weights", task.name, len(candidates))
+            logger.warning(
+                "task %r: no preference pairs for U2A's objective (set unlearn.preference); unlearning "
+                "all %d negatives with equal weights",
+                task.name,
+                len(candidates),
+            )
         if not entry:
             commit({"mode": "all", "started": True})
-        outcome = solver.solve(task, candidates, loss, max_steps=steps_per_solve(section, train, len(candidates)),
-                               plugins=plugins("all"), resume=runner.take_loop_resume(key))
-        summary = {"mode": "all", "selected": len(candidates), "steps": outcome.steps,
-                   "stopped": outcome.stopped is not None, "events": [outcome.stopped] if outcome.stopped else [],
-                   **{f"last/{k}": v for k, v in outcome.metrics.items()}}
+        outcome = solver.solve(
+            task,
+            candidates,
+            loss,
+            max_steps=steps_per_solve(section, train, len(candidates)),
+            plugins=plugins("all"),
+            resume=runner.take_loop_resume(key),
+        )
+        summary = {
+            "mode": "all",
+            "selected": len(candidates),
+            "steps": outcome.steps,
+            "stopped": outcome.stopped is not None,
+            "events": [outcome.stopped] if outcome.stopped else [],
+            **{f"last/{k}": v for k, v in outcome.metrics.items()},
+        }
     runner.state.stage_results[key] = nan_to_null({**base, **summary})
 
 
-def _run_u2a(runner: Any, model: torch.nn.Module, task: Task, candidates: list, preference_records: list,
-             loss: Any, solver: InnerSolver, plugins: Any, entry: dict[str, Any], commit: Any, take_resume: Any
-             ) -> dict[str, Any]:
+def _run_u2a(
+    runner: Any,
+    model: torch.nn.Module,
+    task: Task,
+    candidates: list,
+    preference_records: list,
+    loss: Any,
+    solver: InnerSolver,
+    plugins: Any,
+    entry: dict[str, Any],
+    commit: Any,
+    take_resume: Any,
+) -> dict[str, Any]:
     cfg, section = runner.cfg, runner.cfg.unlearn
     pad_id = runner.tokenizer.pad_token_id
     preference = reindex(tokenize_pairs(preference_records, runner.tokenizer, cfg.data).examples)
@@ -119,8 +172,9 @@ def _run_u2a(runner: Any, model: torch.nn.Module, task: Task, candidates: list, 
     def reference() -> Any:
         return reference_policy(model, runner.reference_state)
 
-    pref_ref = compute_reference_logps(model, preference, pad_id, ("chosen", "rejected"), reference,
-                                       section.score_batch_size)
+    pref_ref = compute_reference_logps(
+        model, preference, pad_id, ("chosen", "rejected"), reference, section.score_batch_size
+    )
     cand_ref = None
     if loss.needs_reference:
         cand_ref = compute_reference_logps(model, candidates, pad_id, FORGET_SIDES, reference, section.score_batch_size)

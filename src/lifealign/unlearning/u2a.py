@@ -116,8 +116,9 @@ class U2A:
         self.loss, self.solver, self.plugins, self.task = loss, solver, plugins, task
 
     # ----- scores ------------------------------------------------------------------------------------------------
-    def scores(self, inputs: U2AInputs, subset: list[int] | None = None, weights: list[float] | None = None
-               ) -> ScoreResult:
+    def scores(
+        self, inputs: U2AInputs, subset: list[int] | None = None, weights: list[float] | None = None
+    ) -> ScoreResult:
         """Impact scores of ``subset`` (all candidates when None) at the current parameters."""
         sec = self.section
         idx = list(range(len(inputs.candidates))) if subset is None else subset
@@ -126,11 +127,23 @@ class U2A:
         h_idx = list(range(min(sec.hessian_examples, len(idx))))
         h_weights = torch.tensor([weights[i] for i in h_idx] if weights else [1.0] * len(h_idx))
         return impact_scores(
-            self.model, cands, inputs.preference, self.loss, pad_id=self.pad_id, pref_ref_logps=inputs.pref_ref,
-            cand_ref_logps=cand_ref, beta=sec.dpo_beta, batch_size=sec.score_batch_size,
-            precision=sec.score_precision, hessian=sec.hessian, hessian_examples=[cands[i] for i in h_idx],
-            hessian_weights=h_weights, hessian_ref_logps=cand_ref[h_idx] if cand_ref is not None else None,
-            reg_weight=sec.reg_weight, damping=sec.hessian_damping, iters=sec.hessian_iters,
+            self.model,
+            cands,
+            inputs.preference,
+            self.loss,
+            pad_id=self.pad_id,
+            pref_ref_logps=inputs.pref_ref,
+            cand_ref_logps=cand_ref,
+            beta=sec.dpo_beta,
+            batch_size=sec.score_batch_size,
+            precision=sec.score_precision,
+            hessian=sec.hessian,
+            hessian_examples=[cands[i] for i in h_idx],
+            hessian_weights=h_weights,
+            hessian_ref_logps=cand_ref[h_idx] if cand_ref is not None else None,
+            reg_weight=sec.reg_weight,
+            damping=sec.hessian_damping,
+            iters=sec.hessian_iters,
             lissa_scale=sec.lissa_scale,
         )
 
@@ -140,28 +153,62 @@ class U2A:
         progress.scores = result.scores.tolist()
         progress.selected = select_top_k(result.scores, k, self.section.positive_only)
         progress.weights = [1.0] * len(progress.selected)
-        progress.rounds.append({"round": 0, "objective": result.objective, "grad_norm": result.grad_norm,
-                                "k": k, "selected": len(progress.selected), "scores": score_stats(result.scores)})
+        progress.rounds.append(
+            {
+                "round": 0,
+                "objective": result.objective,
+                "grad_norm": result.grad_norm,
+                "k": k,
+                "selected": len(progress.selected),
+                "scores": score_stats(result.scores),
+            }
+        )
         if not progress.selected:
-            progress.events.append({"event": "nothing_selected", "reason": "no candidate has a positive score",
-                                    "k": k, "candidates": len(inputs.candidates)})
+            progress.events.append(
+                {
+                    "event": "nothing_selected",
+                    "reason": "no candidate has a positive score",
+                    "k": k,
+                    "candidates": len(inputs.candidates),
+                }
+            )
             progress.finished = True
 
     def _reweight(self, inputs: U2AInputs, progress: U2AProgress, r: int) -> None:
         sec = self.section
         result = self.scores(inputs, progress.selected, progress.weights)
-        new = update_weights(torch.tensor(progress.weights, dtype=torch.float64), result.scores, lr=sec.weights_lr,
-                             sparsity=sec.sparsity, sign=sec.weight_sign, standardize=sec.standardize)
+        new = update_weights(
+            torch.tensor(progress.weights, dtype=torch.float64),
+            result.scores,
+            lr=sec.weights_lr,
+            sparsity=sec.sparsity,
+            sign=sec.weight_sign,
+            standardize=sec.standardize,
+        )
         progress.weights = new.tolist()
         progress.reweighted = r
-        progress.rounds.append({"round": r, "objective": result.objective, "grad_norm": result.grad_norm,
-                                "scores": score_stats(result.scores), "weights": weight_stats(new)})
+        progress.rounds.append(
+            {
+                "round": r,
+                "objective": result.objective,
+                "grad_norm": result.grad_norm,
+                "scores": score_stats(result.scores),
+                "weights": weight_stats(new),
+            }
+        )
 
     def _solve(self, inputs: U2AInputs, progress: U2AProgress, r: int, resume: dict[str, Any] | None) -> None:
         examples = [dict(inputs.candidates[i], index=j) for j, i in enumerate(progress.selected)]
         steps = steps_per_solve(self.section, self.train, len(examples))
-        outcome = self.solver.solve(self.task, examples, self.loss, max_steps=steps, plugins=self.plugins(f"solve{r}"),
-                                    weights=torch.tensor(progress.weights, dtype=torch.float32), resume=resume)
+        outcome = self.solver.solve(
+            self.task,
+            examples,
+            self.loss,
+            max_steps=steps,
+            plugins=self.plugins(f"solve{r}"),
+            weights=torch.tensor(progress.weights, dtype=torch.float32),
+            resume=resume,
+        )
         progress.solves_done = r + 1
         progress.rounds[-1]["solve"] = outcome.to_json()
         if outcome.stopped is not None:
@@ -173,8 +220,15 @@ class U2A:
             nll = mean_token_nll(self.model, examples, "rejected", self.pad_id, self.section.score_batch_size)
             progress.rounds[-1]["forget_nll"] = nll
             if nll > bound:
-                progress.events.append({"event": "unlearn_stopped", "reason": "forget_nll_above_bound_after_round",
-                                        "round": r, "forget_nll": nll, "bound": bound})
+                progress.events.append(
+                    {
+                        "event": "unlearn_stopped",
+                        "reason": "forget_nll_above_bound_after_round",
+                        "round": r,
+                        "forget_nll": nll,
+                        "bound": bound,
+                    }
+                )
                 progress.stopped = True
 
     # ----- the procedure -----------------------------------------------------------------------------------------
