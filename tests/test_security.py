@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from lifealign.security import REDACTED, is_secret_key, known_secrets, redact, redact_text
+from lifealign.config.secrets import REDACTED, is_secret_key, known_secrets, redact, redact_text
 
 
 @pytest.mark.parametrize(

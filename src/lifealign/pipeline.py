@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from lifealign.config.schema import RunConfig
-from lifealign.data.loaders import load_stream
 from lifealign.data.records import TaskStream
+from lifealign.data.sources import load_stream
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def preflight_output_dir(run_dir: Path) -> None:
 
 def write_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
     """``run_dir/config.yaml``: the resolved config, with secret-named keys and known secret values redacted."""
-    from lifealign.security import known_secrets, redact
+    from lifealign.config.secrets import known_secrets, redact
 
     clean = redact(cfg.model_dump(mode="json"), known_secrets(cfg))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(clean, sort_keys=False))

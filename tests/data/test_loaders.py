@@ -14,7 +14,8 @@ import pytest
 
 from lifealign.config.schema import DataSection, TaskSection
 from lifealign.data.inspect import format_inspection, inspect_file
-from lifealign.data.loaders import DataError, load_records, load_stream, load_task
+from lifealign.data.loaders import DataError, load_records
+from lifealign.data.sources import load_stream, load_task
 
 
 def rec(prompt="p", chosen="good", rejected="bad", **extra) -> str:
@@ -439,7 +440,7 @@ def test_synthetic_task_is_sized_by_max_train_and_max_test():
 
 def test_hub_task_dispatches_train_and_test_splits(monkeypatch):
     """``hub:<name>`` without ``test`` loads the dataset's own test split; ``hub:<name>:<split>`` names one."""
-    from lifealign.data import hub
+    from lifealign.data import sources
     from lifealign.data.loaders import LoadResult
     from lifealign.data.records import PreferencePair
 
@@ -449,7 +450,7 @@ def test_hub_task_dispatches_train_and_test_splits(monkeypatch):
         calls.append((name, split, hub_split, task, on_invalid))
         return LoadResult([PreferencePair(f"{split}", "a", "b", task=task)], n_read=1)
 
-    monkeypatch.setattr(hub, "load_hub_task", fake)
+    monkeypatch.setattr(sources, "load_hub_task", fake)
     task = load_task(TaskSection(name="uf", train="hub:ultrafeedback"), DataSection(on_invalid="skip"))
     assert calls == [("ultrafeedback", "train", None, "uf", "skip"), ("ultrafeedback", "test", None, "uf", "skip")]
     assert [r.prompt for r in task.train + task.test] == ["train", "test"]

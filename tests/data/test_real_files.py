@@ -8,7 +8,8 @@ import pytest
 
 from lifealign.config.schema import DataSection, TaskSection
 from lifealign.data.inspect import inspect_file
-from lifealign.data.loaders import load_records, load_task
+from lifealign.data.loaders import load_records
+from lifealign.data.sources import load_task
 from lifealign.data.tokenize import tokenize_pairs
 
 DATA = Path(__file__).parents[2].parent / "shared/data/preference-tasks"

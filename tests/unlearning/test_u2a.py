@@ -11,10 +11,10 @@ import yaml
 
 from lifealign.cli.main import main
 from lifealign.config import config_from_dict
-from lifealign.evaluation.matrix import nan_to_null
 from lifealign.training.checkpoint import Checkpointer
 from lifealign.training.metrics import read_metrics
 from lifealign.unlearning.u2a import run_unlearning
+from lifealign.utils.jsonio import nan_to_null
 
 CONFIG = {
     "model": {"name_or_path": "tiny"},

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from lifealign.evaluation.judge import JudgeSection
-
-
-class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from lifealign.config.base import Section
+from lifealign.config.judge import JudgeSection
+from lifealign.config.unlearn import UnlearnSection
 
 
 class LoraSection(Section):
@@ -167,10 +163,6 @@ class EvalSection(Section):
     """The LLM judge's endpoint (scorer ``judge``); the key is read from the env variable ``judge.api_key_env``."""
     reward_model: str | None = None
     """Local path of a sequence-classification reward model (scorer ``reward_model``)."""
-
-
-# Imported here, after ``Section`` exists: ``config/unlearn.py`` subclasses it (importing it at the top would cycle).
-from lifealign.config.unlearn import UnlearnSection  # noqa: E402
 
 
 class RunConfig(Section):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from lifealign.config.schema import Section
+from lifealign.config.base import Section
 
 __all__ = ["BASELINE_NAMES", "UnlearnSection"]
 

@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lifealign.utils.jsonio import nan_to_null, null_to_nan
+
 MatrixLike = Sequence[Sequence[float | None]] | np.ndarray
 
 
@@ -86,30 +88,6 @@ def forgetting(m: MatrixLike) -> list[float]:
         seen = seen[~np.isnan(seen)]
         out.append(float(seen.max() - a[-1, j]) if seen.size else math.nan)
     return out
-
-
-def nan_to_null(obj: Any) -> Any:
-    """A copy of a JSON-like structure with every non-finite float replaced by ``None`` (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.floating | np.integer):
-        return nan_to_null(obj.item())
-    if isinstance(obj, Mapping):
-        return {k: nan_to_null(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [nan_to_null(v) for v in obj]
-    return obj
-
-
-def null_to_nan(obj: Any) -> Any:
-    """The inverse of :func:`nan_to_null` for numbers: every ``None`` inside lists and dict values becomes NaN."""
-    if obj is None:
-        return math.nan
-    if isinstance(obj, Mapping):
-        return {k: null_to_nan(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [null_to_nan(v) for v in obj]
-    return obj
 
 
 @dataclass

@@ -11,7 +11,6 @@ import inspect
 import math
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -23,7 +22,7 @@ from lifealign.losses.hinge import hinge_loss
 from lifealign.losses.ipo import ipo_loss
 from lifealign.losses.logps import implicit_reward, sequence_logps, token_logps
 from lifealign.losses.sft import sft_loss
-from lifealign.losses.spec import LossInputs, LossOutput, LossSpec, weighted_mean
+from lifealign.losses.spec import BoundLoss, LossInputs, LossOutput, LossSpec, weighted_mean
 from lifealign.losses.unlearn import ga_loss, grad_diff_loss, npo_loss, simnpo_loss
 
 if TYPE_CHECKING:
@@ -57,19 +56,6 @@ LOSSES: dict[str, LossSpec] = {
     "npo": LossSpec(npo_loss, needs_reference=True, paired=False, uses=("rejected",)),
     "simnpo": LossSpec(simnpo_loss, needs_reference=False, paired=False, uses=("rejected",)),
 }
-
-
-@dataclass(frozen=True)
-class BoundLoss:
-    """A registry loss with checked hyper-parameters and its weight in the objective."""
-
-    name: str
-    spec: LossSpec
-    weight: float = 1.0
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __call__(self, inputs: LossInputs) -> LossOutput:
-        return self.spec.fn(inputs, **self.kwargs)
 
 
 def _keyword_params(fn: Any) -> dict[str, Any]:

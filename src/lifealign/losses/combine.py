@@ -5,14 +5,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
-from lifealign.losses.spec import LossInputs, LossOutput, weighted_mean
-
-if TYPE_CHECKING:
-    from lifealign.losses import BoundLoss
+from lifealign.losses.spec import BoundLoss, LossInputs, LossOutput, weighted_mean
 
 __all__ = ["CombinedLoss"]
 

@@ -10,8 +10,8 @@ response, when the loss uses one (GradDiff), is ``chosen``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -66,3 +66,16 @@ def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None = None) -> 
     if weights is None:
         return losses.mean()
     return (weights.to(losses.dtype) * losses).sum() / losses.numel()
+
+
+@dataclass(frozen=True)
+class BoundLoss:
+    """A registry loss with checked hyper-parameters and its weight in the objective."""
+
+    name: str
+    spec: LossSpec
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, inputs: LossInputs) -> LossOutput:
+        return self.spec.fn(inputs, **self.kwargs)

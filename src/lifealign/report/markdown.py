@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lifealign.report.plots import plot_score_matrix, plot_task_curves
-from lifealign.report.results import atomic_write_text, collect_runs
+from lifealign.report.results import collect_runs
+from lifealign.utils.jsonio import atomic_write_text
 
 __all__ = [
     "REPORT_FILE",

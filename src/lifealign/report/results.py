@@ -12,13 +12,11 @@ where each ``{"matrix", ...}`` block is :meth:`lifealign.evaluation.matrix.Score
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lifealign.evaluation.matrix import nan_to_null, null_to_nan
+from lifealign.utils.jsonio import atomic_write_text, nan_to_null, null_to_nan
 
 __all__ = [
     "SCORES_FILE",
@@ -34,21 +32,6 @@ SCORES_FILE = "scores.json"
 
 Scores = dict[str, dict[str, dict[str, Any]]]
 """``{method: {metric: summary}}``."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and ``os.replace``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_shape(scores: Mapping[str, Any], source: str) -> None:

@@ -27,8 +27,8 @@ import torch
 
 from lifealign.config.schema import DataSection, TaskSection
 from lifealign.config.unlearn import UnlearnSection
-from lifealign.data.loaders import load_task
 from lifealign.data.records import PreferencePair, Task
+from lifealign.data.sources import load_task
 from lifealign.data.tokenize import tokenize_pairs
 
 __all__ = [

@@ -27,14 +27,14 @@ import torch
 from lifealign.config.load import trajectory_hash
 from lifealign.config.schema import LossTerm, RunConfig
 from lifealign.continual.runner import ResumeError
-from lifealign.data.loaders import load_stream
 from lifealign.data.records import Task
+from lifealign.data.sources import load_stream
 from lifealign.data.tokenize import tokenize_pairs
-from lifealign.evaluation.matrix import nan_to_null
 from lifealign.evaluation.scorers.base import Shard
 from lifealign.losses import bind_losses
 from lifealign.models.lora import attach_lora, load_lora_state, lora_state, reference_context, save_adapter
 from lifealign.pipeline import build_scorers, make_accelerator, preflight_output_dir, write_resolved_config
+from lifealign.report.unlearn import selection_summary, write_unlearn_outputs
 from lifealign.training.checkpoint import Checkpoint, Checkpointer
 from lifealign.training.forward import compute_reference_logps
 from lifealign.training.loop import LoopServices, StagePlan, train_task
@@ -45,9 +45,9 @@ from lifealign.unlearning.config import FORGET_SIDES, forget_loss, inner_lr
 from lifealign.unlearning.data import U2AData, pool_data, reindex, tokenize_side
 from lifealign.unlearning.evaluate import evaluate_unlearning, prepare_eval_sets
 from lifealign.unlearning.inner import InnerSolver, inner_plugins
-from lifealign.unlearning.report import selection_summary, write_unlearn_outputs
 from lifealign.unlearning.selection import choose_k
 from lifealign.unlearning.u2a import U2A, U2AInputs, U2AProgress, u2a_budget
+from lifealign.utils.jsonio import nan_to_null
 
 logger = logging.getLogger(__name__)
 

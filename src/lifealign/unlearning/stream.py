@@ -21,7 +21,6 @@ import torch
 
 from lifealign.data.records import Task
 from lifealign.data.tokenize import tokenize_pairs
-from lifealign.evaluation.matrix import nan_to_null
 from lifealign.models.lora import lora_state
 from lifealign.training.forward import compute_reference_logps, reference_policy
 from lifealign.training.plugin import PluginContext
@@ -29,6 +28,7 @@ from lifealign.unlearning.config import FORGET_SIDES, OBJECTIVES, forget_loss, i
 from lifealign.unlearning.data import reindex, stream_data, tokenize_side
 from lifealign.unlearning.inner import InnerSolver, inner_plugins
 from lifealign.unlearning.u2a import U2A, U2AInputs, U2AProgress
+from lifealign.utils.jsonio import nan_to_null
 
 __all__ = ["unlearn_stage"]
 

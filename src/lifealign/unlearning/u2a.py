@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from lifealign.config.schema import RunConfig, TrainSection
 from lifealign.config.unlearn import UnlearnSection
 from lifealign.data.records import Task
-from lifealign.evaluation.matrix import nan_to_null
 from lifealign.losses import CombinedLoss
 from lifealign.training.plugin import Plugin
 from lifealign.unlearning.config import steps_per_solve
@@ -40,6 +39,7 @@ from lifealign.unlearning.evaluate import mean_token_nll
 from lifealign.unlearning.influence import ScoreResult, impact_scores
 from lifealign.unlearning.inner import InnerSolver
 from lifealign.unlearning.selection import choose_k, select_top_k, update_weights, weight_stats
+from lifealign.utils.jsonio import nan_to_null
 
 __all__ = ["U2A", "U2AInputs", "U2AProgress", "run_unlearning", "score_stats", "u2a_budget"]
 

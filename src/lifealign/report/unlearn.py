@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from lifealign.evaluation.matrix import nan_to_null
 from lifealign.report.markdown import escape_markdown, format_number
 from lifealign.report.plots import plot_bar, plot_histogram
-from lifealign.report.results import atomic_write_text
 from lifealign.unlearning.selection import weight_stats
 from lifealign.unlearning.u2a import score_stats
+from lifealign.utils.jsonio import atomic_write_text, nan_to_null
 
 __all__ = ["RESULTS_FILE", "TABLE_COLUMNS", "render_unlearn_report", "selection_summary", "write_unlearn_outputs"]
 
