@@ -96,10 +96,10 @@ def test_bleu4_hand_computed() -> None:
 
 
 def test_registry_names_and_flags() -> None:
-    assert {"pref_acc", "rouge_l", "bleu4"} <= set(SCORERS)
+    assert {"pref_acc", "logp_acc", "rouge_l", "bleu4"} <= set(SCORERS)
     for key, cls in SCORERS.items():
         assert issubclass(cls, Scorer) and cls.name == key
-    assert not SCORERS["pref_acc"].needs_generation
+    assert not SCORERS["pref_acc"].needs_generation and not SCORERS["logp_acc"].needs_generation
     assert SCORERS["rouge_l"].needs_generation and SCORERS["bleu4"].needs_generation
     with pytest.raises(ValueError, match="unknown scorer"):
         build_scorers(["pref_acc", "nope"])
@@ -220,11 +220,18 @@ def test_rouge_and_bleu_read_the_generation_cache(tiny_lora_model) -> None:
         completions=["the cat sat", "a b c d"],
         references=["the cat sat on the mat", "a b c d e"],
     )
-    out = evaluate_task(ctx, TASK, [RougeL(), Bleu4()])
+    out = evaluate_task(ctx, TASK, [RougeL("rouge_score"), Bleu4("sacrebleu")])
     rouge_second = 2 * 0.8 / 1.8  # 'a b c d' vs 'a b c d e': P 1, R 0.8
     assert out["rouge_l"] == pytest.approx(100 * (2 / 3 + rouge_second) / 2)
     # BLEU with effective order: the 3-token hypothesis has no 4-gram, so only p1..p3 (all 1) count; BP = exp(1 - 6/3).
     assert out["bleu4"] == pytest.approx((100 * math.exp(1 - 6 / 3) + 100 * math.exp(1 - 5 / 4)) / 2, abs=1e-6)
+    # The default (LLaMA-Factory) convention on the same pass: ROUGE-L on jieba words gives the same F here (up to
+    # rouge-chinese's 1e-8 in the denominator); BLEU is on characters, and each hypothesis is a prefix of its
+    # reference, so every precision is 1 and BLEU = BP = exp(1 - |ref|/|hyp|) in characters (22/11 and 9/7).
+    default = evaluate_task(ctx, TASK, [RougeL(), Bleu4()])
+    assert default["rouge_l"] == pytest.approx(100 * (2 / 3 + rouge_second) / 2, abs=1e-4)
+    bleu_chars = [round(100 * math.exp(1 - 22 / 11), 4), round(100 * math.exp(1 - 9 / 7), 4)]
+    assert default["bleu4"] == pytest.approx(sum(bleu_chars) / 2, abs=1e-9)
 
 
 def test_one_generation_pass_shared_by_scorers(tiny_lora_model, monkeypatch) -> None:

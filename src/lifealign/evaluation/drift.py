@@ -10,6 +10,14 @@
 
 The tensor functions are pure; :class:`DriftTracker` keeps the at-learning log-likelihoods and
 :func:`measure_drift` runs one task through a :class:`~lifealign.evaluation.scorers.base.EvalContext`.
+
+Per item (:func:`measure_drift_items`), aligned with the held-out pairs by record id:
+
+- ``kl``: pair i's per-token KL, ``KL_sum_i / n_i``, with **weight** ``n_i`` (its response tokens), so the weighted
+  mean ``Σ n_i (KL_sum_i / n_i) / Σ n_i = Σ KL_sum_i / Σ n_i`` is the token-weighted ``kl`` above (equal up to
+  floating-point rounding); a pair without response tokens has value 0 and weight 0.
+- ``chosen_displacement`` / ``rejected_displacement``: ``log π_now(y|x) − log π_j(y|x)`` of each pair present both
+  now and at learning (the ids say which); no items when the task's at-learning values were never recorded.
 """
 
 from __future__ import annotations
@@ -22,10 +30,21 @@ import torch
 
 from lifealign.data.collate import collate_pairs
 from lifealign.data.records import Task
-from lifealign.evaluation.scorers.base import EvalContext, PairLogps, eval_mode, task_examples
+from lifealign.evaluation.scorers.base import EvalContext, ItemScores, PairLogps, eval_mode, task_examples
 from lifealign.evaluation.scorers.preference import policy_pair_logps
 
-__all__ = ["DriftTracker", "kl_to_reference", "mean_displacement", "measure_drift", "token_kl"]
+__all__ = [
+    "DriftTracker",
+    "displacement_items",
+    "kl_items",
+    "kl_rows",
+    "kl_to_reference",
+    "mean_displacement",
+    "measure_drift",
+    "measure_drift_items",
+    "measure_drift_with_items",
+    "token_kl",
+]
 
 
 def token_kl(
@@ -49,10 +68,10 @@ def token_kl(
 
 
 @torch.no_grad()
-def kl_to_reference(ctx: EvalContext, examples: list[dict[str, Any]]) -> float:
-    """Token-weighted mean ``KL(π‖π_ref)`` over the chosen responses of ``examples``; NaN if there are none.
+def kl_rows(ctx: EvalContext, examples: list[dict[str, Any]]) -> list[tuple[float, int]]:
+    """Per example ``(Σ_t KL_t, n_tokens)`` of ``KL(π‖π_ref)`` over its chosen response, in input order.
 
-    Each rank scores its slice of ``examples`` (``ctx.map_sharded``); the per-example sums are gathered.
+    Each rank scores its slice of ``examples`` (``ctx.map_sharded``); the per-example rows are gathered.
     """
     device = ctx.resolved_device()
 
@@ -71,9 +90,43 @@ def kl_to_reference(ctx: EvalContext, examples: list[dict[str, Any]]) -> float:
         return rows
 
     with eval_mode(ctx.model):
-        rows = ctx.map_sharded(examples, per_example)
+        return ctx.map_sharded(examples, per_example)
+
+
+def _pooled_kl(rows: list[tuple[float, int]]) -> float:
     count = sum(n for _, n in rows)
     return sum(kl for kl, _ in rows) / count if count else math.nan
+
+
+def kl_to_reference(ctx: EvalContext, examples: list[dict[str, Any]]) -> float:
+    """Token-weighted mean ``KL(π‖π_ref)`` over the chosen responses of ``examples``; NaN if there are none."""
+    return _pooled_kl(kl_rows(ctx, examples))
+
+
+def kl_items(ids: list[str], rows: list[tuple[float, int]]) -> ItemScores:
+    """Per-pair per-token KL ``KL_sum_i / n_i`` weighted by ``n_i`` (0 with weight 0 for a pair without tokens)."""
+    return ItemScores(list(ids), [kl / n if n else 0.0 for kl, n in rows], weights=[float(n) for _, n in rows])
+
+
+def _matched(now: PairLogps, then: PairLogps) -> tuple[list[int], list[int]]:
+    """Positions of the pairs both cover: by position when the id lists are equal, otherwise by id."""
+    if now.ids == then.ids:
+        return list(range(len(now.ids))), list(range(len(now.ids)))
+    then_pos = {pid: k for k, pid in enumerate(then.ids)}
+    matched = [(k, then_pos[pid]) for k, pid in enumerate(now.ids) if pid in then_pos]
+    return [a for a, _ in matched], [b for _, b in matched]
+
+
+def displacement_items(now: PairLogps, then: PairLogps) -> dict[str, ItemScores]:
+    """Per matched pair ``chosen_now − chosen_then`` and ``rejected_now − rejected_then`` (ids of ``now``)."""
+    idx_now, idx_then = _matched(now, then)
+    ids = [now.ids[k] for k in idx_now]
+    d_chosen = now.chosen[idx_now].double() - then.chosen[idx_then].double()
+    d_rejected = now.rejected[idx_now].double() - then.rejected[idx_then].double()
+    return {
+        "chosen_displacement": ItemScores(ids, d_chosen.tolist()),
+        "rejected_displacement": ItemScores(list(ids), d_rejected.tolist()),
+    }
 
 
 def mean_displacement(now: PairLogps, then: PairLogps) -> tuple[float, float]:
@@ -81,12 +134,7 @@ def mean_displacement(now: PairLogps, then: PairLogps) -> tuple[float, float]:
 
     Pairs are matched by position when the id lists are equal, otherwise by id; NaN if nothing matches.
     """
-    if now.ids == then.ids:
-        idx_now = idx_then = list(range(len(now.ids)))
-    else:
-        then_pos = {pid: k for k, pid in enumerate(then.ids)}
-        matched = [(k, then_pos[pid]) for k, pid in enumerate(now.ids) if pid in then_pos]
-        idx_now, idx_then = [a for a, _ in matched], [b for _, b in matched]
+    idx_now, idx_then = _matched(now, then)
     if not idx_now:
         return math.nan, math.nan
     d_chosen = now.chosen[idx_now].double() - then.chosen[idx_then].double()
@@ -112,6 +160,13 @@ class DriftTracker:
         chosen, rejected = mean_displacement(now, then) if then is not None else (math.nan, math.nan)
         return {"chosen_displacement": chosen, "rejected_displacement": rejected}
 
+    def displacement_items(self, task: str, now: PairLogps) -> dict[str, ItemScores]:
+        """Per-pair :meth:`displacement` (no items if ``task`` was never recorded)."""
+        then = self.at_learning.get(task)
+        if then is None:
+            return {key: ItemScores([], []) for key in ("chosen_displacement", "rejected_displacement")}
+        return displacement_items(now, then)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (floats as lists) for exact resume."""
         return {
@@ -130,13 +185,33 @@ class DriftTracker:
         }
 
 
+def measure_drift_with_items(
+    ctx: EvalContext, task: Task, tracker: DriftTracker, *, just_learned: bool
+) -> tuple[dict[str, float], dict[str, ItemScores]]:
+    """``(measure_drift values, measure_drift_items values)`` from one pass over the task (call this for both)."""
+    now = policy_pair_logps(ctx, task)
+    if just_learned:
+        tracker.record(task.name, now)
+    examples = task_examples(ctx, task)
+    rows = kl_rows(ctx, examples)
+    scores = {"kl": _pooled_kl(rows), **tracker.displacement(task.name, now)}
+    items = {"kl": kl_items([str(e["id"]) for e in examples], rows), **tracker.displacement_items(task.name, now)}
+    return scores, items
+
+
 def measure_drift(ctx: EvalContext, task: Task, tracker: DriftTracker, *, just_learned: bool) -> dict[str, float]:
     """``{"kl", "chosen_displacement", "rejected_displacement"}`` for ``task`` under the current policy.
 
     ``just_learned=True`` (the task was trained in this stage) first records the current log-likelihoods as the
     task's at-learning values, so its displacement is 0 now and measured against them later.
     """
-    now = policy_pair_logps(ctx, task)
-    if just_learned:
-        tracker.record(task.name, now)
-    return {"kl": kl_to_reference(ctx, task_examples(ctx, task)), **tracker.displacement(task.name, now)}
+    return measure_drift_with_items(ctx, task, tracker, just_learned=just_learned)[0]
+
+
+def measure_drift_items(
+    ctx: EvalContext, task: Task, tracker: DriftTracker, *, just_learned: bool
+) -> dict[str, ItemScores]:
+    """Per-pair values of every :func:`measure_drift` metric (module docstring); their ``mean()`` are its values,
+    up to floating-point rounding. ``kl`` carries weights (response tokens). ``just_learned`` as in
+    :func:`measure_drift`."""
+    return measure_drift_with_items(ctx, task, tracker, just_learned=just_learned)[1]

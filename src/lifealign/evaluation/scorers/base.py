@@ -1,7 +1,13 @@
 """The scorer contract and the evaluation context that scorers share.
 
-A scorer turns (model, task) into ``{<scorer name>: main score, <extra>: value, ...}``; the runner puts every key
-in its own score matrix. Scores are on a 0–100 scale where the metric has one (accuracy, ROUGE-L, BLEU-4, judge).
+A scorer turns (model, task) into per-item values, ``score_items -> {<metric>: ItemScores}`` (one value per held-out
+pair or generation prompt, with the record ids), and its scores are their means, ``score -> {<scorer name>: main
+score, <extra>: value, ...}``; the runner puts every key in its own score matrix. Scores are on a 0–100 scale where
+the metric has one (accuracy, ROUGE-L, BLEU-4, judge). Keeping the items lets every statistic be recomputed from a
+run folder (bootstrap intervals, paired tests, per-example inspection).
+
+An item a scorer could not score (an unparsable judge reply) is NaN: the mean skips it, :attr:`ItemScores.n_failed`
+counts it, and :func:`check_failures` turns "every item failed" into a :class:`ScorerError` instead of a silent NaN.
 
 One :class:`EvalContext` is built per evaluation pass (after training task ``i``): it caches what several scorers
 need so it is computed once per pass — the tokenized held-out pairs, the policy log-probs and the greedy
@@ -18,8 +24,10 @@ broadcast (:meth:`EvalContext.on_main`).
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -35,16 +43,21 @@ from lifealign.models.lora import reference_context
 __all__ = [
     "EvalContext",
     "Generations",
+    "ItemScores",
     "PairLogps",
     "Scorer",
+    "ScorerError",
     "Shard",
     "ShardError",
+    "check_failures",
     "eval_mode",
     "eval_records",
     "task_examples",
     "task_generations",
 ]
 
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -94,11 +107,114 @@ def _raise_if_any_failed(parts: Sequence[tuple[bool, Any]]) -> None:
 
 @dataclass
 class PairLogps:
-    """Summed response log-probs of held-out pairs: ``chosen``/``rejected`` are ``(n,)`` fp32, aligned with ``ids``."""
+    """Summed response log-probs of held-out pairs: ``chosen``/``rejected`` are ``(n,)`` fp32, aligned with ``ids``.
+
+    ``chosen_tokens``/``rejected_tokens`` ``(n,)`` are the response lengths (tokens scored) from the same forward;
+    ``None`` where they were not kept (e.g. at-learning values restored by the drift tracker).
+    """
 
     ids: list[str]
     chosen: torch.Tensor
     rejected: torch.Tensor
+    chosen_tokens: torch.Tensor | None = None
+    rejected_tokens: torch.Tensor | None = None
+
+
+class ScorerError(RuntimeError):
+    """A metric has no value for a task because every item failed; ``task`` and ``metric`` say which."""
+
+    def __init__(self, task: str, metric: str, message: str) -> None:
+        super().__init__(message)
+        self.task = task
+        self.metric = metric
+
+
+@dataclass
+class ItemScores:
+    """One metric's per-item values on one task: ``values[i]`` belongs to record ``ids[i]``; NaN = the item failed.
+
+    ``weights`` (optional, ``>= 0``) make :meth:`mean` a weighted mean — e.g. the drift ``kl`` is per-pair per-token
+    KL weighted by the pair's response tokens, which gives back the token-weighted KL of all pairs. ``failures``
+    counts failed items by reason where the scorer knows one (the judge's ``no_score``, ``http_500``, ...).
+    """
+
+    ids: list[str]
+    values: list[float]
+    weights: list[float] | None = None
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.values):
+            raise ValueError(f"{len(self.ids)} ids but {len(self.values)} values")
+        if self.weights is not None and len(self.weights) != len(self.values):
+            raise ValueError(f"{len(self.values)} values but {len(self.weights)} weights")
+
+    @property
+    def n(self) -> int:
+        """Number of items (scored or failed)."""
+        return len(self.values)
+
+    @property
+    def n_failed(self) -> int:
+        """Items without a finite value."""
+        return sum(not math.isfinite(v) for v in self.values)
+
+    @property
+    def n_scored(self) -> int:
+        return self.n - self.n_failed
+
+    def mean(self) -> float:
+        """``Σ v_i / n`` over the finite values (``Σ w_i v_i / Σ w_i`` with weights); NaN when nothing is left."""
+        if self.weights is None:
+            finite = [v for v in self.values if math.isfinite(v)]
+            return math.fsum(finite) / len(finite) if finite else math.nan
+        kept = [(v, w) for v, w in zip(self.values, self.weights, strict=True) if math.isfinite(v)]
+        total = math.fsum(w for _, w in kept)
+        return math.fsum(v * w for v, w in kept) / total if total > 0 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (a non-finite value is ``None``); :meth:`from_dict` reads it back."""
+        out: dict[str, Any] = {"ids": list(self.ids), "values": [v if math.isfinite(v) else None for v in self.values]}
+        if self.weights is not None:
+            out["weights"] = list(self.weights)
+        if self.failures:
+            out["failures"] = dict(self.failures)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ItemScores:
+        return cls(
+            ids=[str(i) for i in data["ids"]],
+            values=[math.nan if v is None else float(v) for v in data["values"]],
+            weights=None if data.get("weights") is None else [float(w) for w in data["weights"]],
+            failures={str(k): int(v) for k, v in data.get("failures", {}).items()},
+        )
+
+
+def check_failures(task_name: str, metric: str, items: ItemScores) -> None:
+    """Raise :class:`ScorerError` when every item of ``metric`` on ``task_name`` failed; log a WARNING when some did.
+
+    A metric with no items at all (nothing to score, e.g. ``generation_examples: 0``) is not a failure. Call it
+    after the scores were saved, so a failing judge still leaves the other metrics and the items on disk.
+    """
+    if items.n == 0 or items.n_failed == 0:
+        return
+    reasons = f" ({', '.join(f'{r}: {c}' for r, c in sorted(items.failures.items()))})" if items.failures else ""
+    if items.n_failed == items.n:
+        raise ScorerError(
+            task_name,
+            metric,
+            f"metric {metric!r} failed on all {items.n} items of task {task_name!r}{reasons}: it has no score",
+        )
+    log.warning(
+        "metric %r on task %r: %d of %d items failed%s; the score is the mean of the other %d",
+        metric,
+        task_name,
+        items.n_failed,
+        items.n,
+        reasons,
+        items.n_scored,
+    )
 
 
 @dataclass
@@ -172,14 +288,29 @@ class EvalContext:
 
 
 class Scorer(ABC):
-    """A named metric on one task. ``needs_generation`` scorers read :func:`task_generations`."""
+    """A named metric on one task. ``needs_generation`` scorers read :func:`task_generations`.
+
+    A subclass implements :meth:`score_items`; :meth:`score` is the mean of every item metric (:meth:`summarize`,
+    which a scorer may extend with counts). ``convention`` names how the metric is computed when there is more
+    than one way (``bleu4``: ``"llamafactory"`` or ``"sacrebleu"``), for the run's records; ``None`` = one way.
+    """
 
     name: ClassVar[str] = ""
     needs_generation: ClassVar[bool] = False
+    convention: str | None = None
 
     @abstractmethod
+    def score_items(self, ctx: EvalContext, task: Task) -> dict[str, ItemScores]:
+        """``{self.name: items, <extra metric>: items, ...}``, items aligned with the held-out pairs or the
+        generation prompts scored (ids = record ids); empty items when the task has nothing to score."""
+
+    def summarize(self, items: Mapping[str, ItemScores]) -> dict[str, float]:
+        """``{metric: items.mean()}``: the scores :meth:`score` reports for these items."""
+        return {metric: values.mean() for metric, values in items.items()}
+
     def score(self, ctx: EvalContext, task: Task) -> dict[str, float]:
         """``{self.name: main score, <extra metric>: value, ...}``; NaN when the task has nothing to score."""
+        return self.summarize(self.score_items(ctx, task))
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ With the DPO implicit reward ``r(x, y) = β (log π(y|x) − log π_ref(y|x))`` 
     margin   = mean( r_c − r_r )
 
 Log-probs are summed over response tokens. ``β > 0`` rescales the rewards, so it changes ``margin`` but never the
-accuracy. A fresh adapter (policy = reference) scores exactly 50 (every pair is a tie).
+accuracy. A fresh adapter (policy = reference) scores exactly 50 (every pair is a tie), which says nothing about
+the model: ``logp_acc`` (``scorers/logp_acc.py``) is the accuracy that is meaningful for any model.
 """
 
 from __future__ import annotations
@@ -19,17 +20,48 @@ import torch
 
 from lifealign.data.collate import collate_pairs
 from lifealign.data.records import Task
-from lifealign.evaluation.scorers.base import EvalContext, PairLogps, Scorer, eval_mode, task_examples
+from lifealign.evaluation.scorers.base import EvalContext, ItemScores, PairLogps, Scorer, eval_mode, task_examples
 from lifealign.training.forward import batch_logps
+
+_PAIR_KEYS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
 
 __all__ = [
     "PreferenceAccuracy",
+    "implicit_reward_items",
     "pair_logps",
     "policy_pair_logps",
     "preference_accuracy",
     "reference_pair_logps",
     "sharded_pair_logps",
 ]
+
+
+def _wins_and_margins(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair ``1[r_c > r_r] + ½ · 1[r_c = r_r]`` and ``r_c − r_r`` of the implicit rewards, ``(n,)`` fp64."""
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    r_chosen = beta * (policy_chosen.double() - ref_chosen.double())
+    r_rejected = beta * (policy_rejected.double() - ref_rejected.double())
+    wins = (r_chosen > r_rejected).double() + 0.5 * (r_chosen == r_rejected).double()
+    return wins, r_chosen - r_rejected
+
+
+def implicit_reward_items(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair ``(100 · (1[r_c > r_r] + ½ · 1[r_c = r_r]), r_c − r_r)``, both ``(n,)`` fp64; all inputs ``(n,)``."""
+    wins, margins = _wins_and_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return 100.0 * wins, margins
 
 
 def preference_accuracy(
@@ -43,14 +75,10 @@ def preference_accuracy(
 
     Ties count one half. NaN for ``n = 0``.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if policy_chosen.numel() == 0:
+    wins, margins = _wins_and_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    if wins.numel() == 0:
         return math.nan, math.nan
-    r_chosen = beta * (policy_chosen.double() - ref_chosen.double())
-    r_rejected = beta * (policy_rejected.double() - ref_rejected.double())
-    wins = (r_chosen > r_rejected).double() + 0.5 * (r_chosen == r_rejected).double()
-    return 100.0 * wins.mean().item(), (r_chosen - r_rejected).mean().item()
+    return 100.0 * wins.mean().item(), margins.mean().item()
 
 
 @torch.no_grad()
@@ -61,34 +89,43 @@ def pair_logps(
     *,
     batch_size: int,
 ) -> PairLogps:
-    """Summed response log-probs of the chosen and rejected side of every example, one forward per batch."""
-    chosen: list[torch.Tensor] = []
-    rejected: list[torch.Tensor] = []
+    """Summed response log-probs (and response token counts) of both sides of every example, one forward per batch."""
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in _PAIR_KEYS}
     for start in range(0, len(examples), batch_size):
         batch = collate_pairs(examples[start : start + batch_size], pad_id)  # chosen rows then rejected rows
         logps = batch_logps(model, batch)  # the LM head runs only on response positions
-        chosen.append(logps["chosen_logps"].float().cpu())
-        rejected.append(logps["rejected_logps"].float().cpu())
-    empty = torch.zeros(0)
+        for key in ("chosen_logps", "rejected_logps"):
+            parts[key].append(logps[key].float().cpu())
+        for key in ("chosen_tokens", "rejected_tokens"):
+            parts[key].append(logps[key].long().cpu())
+    joined = {
+        key: torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long if "tokens" in key else torch.float32)
+        for key, chunks in parts.items()
+    }
     return PairLogps(
         ids=[str(e["id"]) for e in examples],
-        chosen=torch.cat(chosen) if chosen else empty,
-        rejected=torch.cat(rejected) if rejected else empty,
+        chosen=joined["chosen_logps"],
+        rejected=joined["rejected_logps"],
+        chosen_tokens=joined["chosen_tokens"],
+        rejected_tokens=joined["rejected_tokens"],
     )
 
 
 def sharded_pair_logps(ctx: EvalContext, examples: list[dict[str, Any]]) -> PairLogps:
     """:func:`pair_logps` of ``ctx.model`` as it is now, each rank on its slice of ``examples``, gathered on all."""
 
-    def rows(part: list[dict[str, Any]]) -> list[tuple[float, float]]:
-        logps = pair_logps(ctx.model, part, ctx.tokenizer.pad_token_id, batch_size=ctx.eval.batch_size)
-        return list(zip(logps.chosen.tolist(), logps.rejected.tolist(), strict=True))
+    def rows(part: list[dict[str, Any]]) -> list[tuple[float, float, int, int]]:
+        lp = pair_logps(ctx.model, part, ctx.tokenizer.pad_token_id, batch_size=ctx.eval.batch_size)
+        columns = (lp.chosen.tolist(), lp.rejected.tolist(), lp.chosen_tokens.tolist(), lp.rejected_tokens.tolist())
+        return list(zip(*columns, strict=True))
 
     pairs = ctx.map_sharded(examples, rows)
     return PairLogps(
         ids=[str(e["id"]) for e in examples],
-        chosen=torch.tensor([c for c, _ in pairs], dtype=torch.float32),
-        rejected=torch.tensor([r for _, r in pairs], dtype=torch.float32),
+        chosen=torch.tensor([row[0] for row in pairs], dtype=torch.float32),
+        rejected=torch.tensor([row[1] for row in pairs], dtype=torch.float32),
+        chosen_tokens=torch.tensor([row[2] for row in pairs], dtype=torch.long),
+        rejected_tokens=torch.tensor([row[3] for row in pairs], dtype=torch.long),
     )
 
 
@@ -113,7 +150,10 @@ def reference_pair_logps(ctx: EvalContext, task: Task) -> PairLogps:
 
 
 class PreferenceAccuracy(Scorer):
-    """``pref_acc`` (0–100) and ``margin`` (reward units) of the implicit reward on ``eval.max_examples`` pairs."""
+    """``pref_acc`` (0–100) and ``margin`` (reward units) of the implicit reward on ``eval.max_examples`` pairs.
+
+    Items: per pair ``100 · (win + ½ tie)`` and ``r_c − r_r``, whose means are ``pref_acc`` and ``margin``.
+    """
 
     name = "pref_acc"
     needs_generation = False
@@ -121,10 +161,13 @@ class PreferenceAccuracy(Scorer):
     def __init__(self, beta: float = 0.1) -> None:
         self.beta = beta
 
-    def score(self, ctx: EvalContext, task: Task) -> dict[str, float]:
+    def score_items(self, ctx: EvalContext, task: Task) -> dict[str, ItemScores]:
         policy = policy_pair_logps(ctx, task)
         reference = reference_pair_logps(ctx, task)
-        accuracy, margin = preference_accuracy(
+        wins, margins = implicit_reward_items(
             policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta=self.beta
         )
-        return {self.name: accuracy, "margin": margin}
+        return {
+            self.name: ItemScores(list(policy.ids), wins.tolist()),
+            "margin": ItemScores(list(policy.ids), margins.tolist()),
+        }

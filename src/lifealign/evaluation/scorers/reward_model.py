@@ -1,8 +1,8 @@
 """``reward_model``: the mean scalar reward a local sequence-classification model gives the greedy generations.
 
-``score = mean_i r(prompt_i, generation_i)`` where ``r`` is ``logits[:, 0]`` of an
-``AutoModelForSequenceClassification`` with ``num_labels=1`` (a trl ``RewardTrainer``-style model), read at the
-last non-pad token of ``prompt + response``. The pair is rendered with the reward model's own chat template when
+``score = mean_i r(prompt_i, generation_i)`` (the items are the ``r(prompt_i, generation_i)``) where ``r`` is
+``logits[:, 0]`` of an ``AutoModelForSequenceClassification`` with ``num_labels=1`` (a trl ``RewardTrainer``-style
+model), read at the last non-pad token of ``prompt + response``. The pair is rendered with the reward model's own chat template when
 it has one (``[*prompt messages, {assistant: response}]``), else as plain ``prompt + response``.
 
 Batches are right-padded with the model's ``config.pad_token_id``, which is exactly the id the model's pooling
@@ -12,7 +12,6 @@ batch pools at the same position as an unpadded single-example forward and score
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from lifealign.data.records import Prompt, Task
 from lifealign.evaluation.judge import prompt_as_text
-from lifealign.evaluation.scorers.base import EvalContext, Scorer, eval_mode, task_generations
+from lifealign.evaluation.scorers.base import EvalContext, ItemScores, Scorer, eval_mode, task_generations
 from lifealign.models.load import ensure_pad_token
 
 __all__ = ["RewardModelScorer", "load_reward_model", "reward_input_ids", "reward_scores"]
@@ -146,10 +145,10 @@ class RewardModelScorer(Scorer):
             self._loaded = load_reward_model(self._model_path(ctx), self.dtype, ctx.resolved_device())
         return self._loaded
 
-    def score(self, ctx: EvalContext, task: Task) -> dict[str, float]:
+    def score_items(self, ctx: EvalContext, task: Task) -> dict[str, ItemScores]:
         gens = task_generations(ctx, task)
         if not gens.completions:
-            return {self.name: math.nan}
+            return {self.name: ItemScores([], [])}
         model, tokenizer = self.model_and_tokenizer(ctx)
         batch_size = self.batch_size or ctx.eval.batch_size
         rewards = ctx.map_sharded(
@@ -158,4 +157,4 @@ class RewardModelScorer(Scorer):
                 model, tokenizer, [p for p, _ in part], [c for _, c in part], batch_size, self.max_length
             ),
         )
-        return {self.name: sum(rewards) / len(rewards)}
+        return {self.name: ItemScores(list(gens.ids), [float(r) for r in rewards])}
