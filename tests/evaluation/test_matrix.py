@@ -5,11 +5,28 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lifealign.evaluation.matrix import ScoreMatrix, ap, bwt, forgetting, fwt, last, record_scores
+from lifealign.evaluation.matrix import (
+    CONVENTIONS,
+    DEFAULT_CONVENTIONS,
+    ScoreMatrix,
+    ap,
+    batch_ap,
+    batch_bwt,
+    batch_forgetting,
+    batch_fwt,
+    batch_last,
+    bwt,
+    forgetting,
+    fwt,
+    last,
+    record_scores,
+    resolve_conventions,
+)
 
 NAN = math.nan
 
@@ -122,6 +139,96 @@ def test_record_scores_creates_one_matrix_per_metric() -> None:
     assert set(matrices) == {"pref_acc", "margin"}
     assert matrices["pref_acc"].matrix[0][0] == 75.0 and matrices["margin"].matrix[0][0] == 0.2
     assert matrices["pref_acc"].initial is not None and matrices["pref_acc"].initial[1] == 50.0
+
+
+# --- metric conventions ---
+
+# Full 3x3 matrix (eval.on: all) with an earlier peak on task 0 and the untrained model's scores B.
+#   after T0: [50, 20, 10]
+#   after T1: [70, 60, 15]
+#   after T2: [30, 55, 70]
+FULL = [[50.0, 20.0, 10.0], [70.0, 60.0, 15.0], [30.0, 55.0, 70.0]]
+B = [5.0, 10.0, 12.0]
+
+
+def test_conventions_registry_and_defaults() -> None:
+    """The first name of each metric is the default, and the defaults are the pre-existing behaviour."""
+    assert DEFAULT_CONVENTIONS == {"bwt": "lifealign", "forgetting": "chaudhry", "fwt": "untrained"}
+    assert CONVENTIONS["bwt"] == ("lifealign", "n_tasks")
+    assert CONVENTIONS["forgetting"] == ("chaudhry", "final")
+    assert CONVENTIONS["fwt"] == ("untrained", "all_prior")
+    assert resolve_conventions({"bwt": "n_tasks"}) == {**DEFAULT_CONVENTIONS, "bwt": "n_tasks"}
+
+
+def test_unknown_convention_or_metric_rejected() -> None:
+    with pytest.raises(ValueError, match="n_tasks"):
+        bwt(SEEN, convention="chaudhry")
+    with pytest.raises(ValueError, match="unknown forgetting convention"):
+        forgetting(SEEN, convention="max")
+    with pytest.raises(ValueError, match="no conventions for metric"):
+        resolve_conventions({"last": "x"})
+
+
+def test_bwt_n_tasks_convention() -> None:
+    """Over N: ((30 - 50) + (55 - 60) + (70 - 70)) / 3 = -25/3; over N-1 (LifeAlign): -25/2 = -12.5."""
+    assert bwt(SEEN, convention="n_tasks") == pytest.approx(-25 / 3)
+    assert bwt(SEEN, convention="lifealign") == pytest.approx(-12.5)
+    assert math.isnan(bwt([[42.0]], convention="n_tasks"))
+
+
+def test_forgetting_final_convention() -> None:
+    """Task 0 peaks after T1 (70) above its just-learned score (50).
+    chaudhry: f_0 = max(50, 70) - 30 = 40, f_1 = 60 - 55 = 5; final: f_0 = 50 - 30 = 20, f_1 = 60 - 55 = 5."""
+    assert forgetting(FULL) == pytest.approx([40.0, 5.0])
+    assert forgetting(FULL, convention="chaudhry") == pytest.approx([40.0, 5.0])
+    assert forgetting(FULL, convention="final") == pytest.approx([20.0, 5.0])
+
+
+def test_forgetting_final_needs_the_diagonal() -> None:
+    """final uses m[j][j] itself: a NaN there is NaN, while chaudhry falls back to the other measured stages."""
+    m = [[NAN, NAN, NAN], [70.0, 60.0, NAN], [30.0, 55.0, 70.0]]
+    assert math.isnan(forgetting(m, convention="final")[0])
+    assert forgetting(m, convention="chaudhry") == pytest.approx([40.0, 5.0])
+
+
+def test_fwt_all_prior_convention() -> None:
+    """untrained: ((m[0][1] - b1) + (m[1][2] - b2)) / 2 = ((20 - 10) + (15 - 12)) / 2 = 6.5.
+    all_prior: every i < j: (m[0][1] - b1) + (m[0][2] - b2) + (m[1][2] - b2) = 10 - 2 + 3 = 11, over 3 -> 11/3."""
+    assert fwt(FULL, B) == pytest.approx(6.5)
+    assert fwt(FULL, B, convention="all_prior") == pytest.approx(11 / 3)
+    assert math.isnan(fwt(SEEN, B, convention="all_prior"))
+    assert math.isnan(fwt(FULL, None, convention="all_prior"))
+
+
+def test_summary_records_conventions() -> None:
+    """Default summary = old behaviour plus the names; chosen conventions change the numbers and are recorded."""
+    sm = ScoreMatrix(tasks=["a", "b", "c"], matrix=FULL, initial=B)
+    default = sm.summary()
+    assert default["conventions"] == {"bwt": "lifealign", "forgetting": "chaudhry", "fwt": "untrained"}
+    assert default["bwt"] == pytest.approx(((30 - 50) + (55 - 60)) / 2)
+    chosen = sm.summary({"bwt": "n_tasks", "forgetting": "final", "fwt": "all_prior"})
+    assert chosen["conventions"] == {"bwt": "n_tasks", "forgetting": "final", "fwt": "all_prior"}
+    assert chosen["bwt"] == pytest.approx(-25 / 3)
+    assert chosen["forgetting"] == pytest.approx([20.0, 5.0])
+    assert chosen["fwt"] == pytest.approx(11 / 3)
+    assert ScoreMatrix.from_summary(json.loads(json.dumps(chosen))).summary()["bwt"] == default["bwt"]
+
+
+@pytest.mark.parametrize("name", CONVENTIONS["bwt"])
+def test_batch_forms_match_scalar_forms(name: str) -> None:
+    """A stack of random lower-triangular-plus-some-NaN matrices gives, per matrix, the scalar functions' values."""
+    rng = np.random.default_rng(0)
+    stack = rng.uniform(0, 100, size=(7, 4, 4))
+    stack[:, 0, 3] = np.nan
+    base = rng.uniform(0, 100, size=(7, 4))
+    for k in range(7):
+        m, b = stack[k], base[k]
+        assert batch_bwt(stack, name)[k] == pytest.approx(bwt(m, name))
+        assert batch_last(stack)[k] == pytest.approx(last(m)) and batch_ap(stack)[k] == pytest.approx(ap(m))
+        for conv in CONVENTIONS["fwt"]:
+            assert np.allclose(batch_fwt(stack, base, conv)[k], fwt(m, b, conv), equal_nan=True)
+        for conv in CONVENTIONS["forgetting"]:
+            assert np.allclose(batch_forgetting(stack, conv)[k], forgetting(m, conv), equal_nan=True)
 
 
 scores = st.floats(min_value=0.0, max_value=100.0, allow_nan=False)
