@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from lifealign.config.base import nonfinite_keys
 from lifealign.config.schema import MethodSection, RunConfig
 
 
@@ -18,19 +22,55 @@ class ConfigError(ValueError):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and remembers the line of every mapping key."""
+    """SafeLoader that rejects duplicate keys and remembers the line of every mapping key.
+
+    Merge keys (``<<: *defaults``, ``<<: [*a, *b]``) work as the YAML merge-key spec says: explicit keys of the
+    mapping override merged ones, and in a merge list earlier mappings override later ones (PyYAML's own merge lets
+    the later win). Duplicates are checked among the keys written in the mapping itself, so a key repeated next to a
+    merge is still an error.
+    """
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _flatten_merges(node: yaml.MappingNode) -> None:
+    """Replace the merge keys of ``node`` (in place) by the merged pairs, lowest precedence first."""
+    merged: list[tuple[yaml.Node, yaml.Node]] = []
+    explicit: list[tuple[yaml.Node, yaml.Node]] = []
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE_TAG:
+            explicit.append((key_node, value_node))
+            continue
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in reversed(sources):  # later mappings first, so earlier ones override them
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(
+                    "while merging a mapping",
+                    node.start_mark,
+                    f"'<<' needs mappings, got {source.id}",
+                    source.start_mark,
+                )
+            _flatten_merges(source)
+            merged.extend(source.value)
+    node.value = merged + explicit
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
+        key = "<<" if key_node.tag == _MERGE_TAG else loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
         if key in seen:
             raise ConfigError(f"{loader.name}:{line}: duplicate key {key!r} (first at line {seen[key]})")
         seen[key] = line
+    _flatten_merges(node)  # merged keys first, explicit keys last: later keys win in the dict below
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        lines[key] = seen.get(key, key_node.start_mark.line + 1)  # a merged key: the line where it is written
     mapping = loader.construct_mapping(node, deep=deep)
-    loader.key_lines.setdefault(id(mapping), {}).update(seen)  # type: ignore[attr-defined]
+    loader.key_lines.setdefault(id(mapping), {}).update(lines)  # type: ignore[attr-defined]
     return mapping
 
 
@@ -51,12 +91,49 @@ def _key_lines(data: Any, lines_by_id: dict[int, dict[Any, int]], prefix: tuple 
     return out
 
 
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text, or a ``ConfigError`` that says what ``path`` is instead of a readable YAML file.
+
+    Checked without opening anything that could block (a FIFO is never opened).
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ConfigError(
+                f"config file not found: {path} (a broken symbolic link to {os.readlink(path)})"
+            ) from None
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"config path {path} is a directory, not a YAML file")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+        raise ConfigError(f"config path {path} is not a regular file ({kind})")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+
+
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     """Parse a YAML file with the strict loader; returns the mapping and the line of every key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    path = Path(path).expanduser()
+    text = _read_config_text(path)
     loader = _StrictLoader(text)
     loader.name = str(path)
     loader.key_lines = {}  # type: ignore[attr-defined]
@@ -73,33 +150,80 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     return data, _key_lines(data, loader.key_lines)  # type: ignore[attr-defined]
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item(s)"
+    return f"{'null' if value is None else type(value).__name__} ({value!r})"
+
+
+def _list_index(node: list, key: str, where: str, override: str, dotted: str) -> int:
+    """The position ``key`` names in ``node`` (an existing item, or ``len(node)`` to append one)."""
+    if not key.isdigit():
+        raise ConfigError(
+            f"override {override!r}: {where or 'the config'} is a list, so {key!r} must be an index "
+            f"(0..{len(node) - 1} to change an item, {len(node)} to append one)"
+            if node
+            else f"override {override!r}: {where or 'the config'} is an empty list, so {key!r} must be 0 (to append)"
+        )
+    index = int(key)
+    if index > len(node):
+        raise ConfigError(
+            f"override {override!r}: {dotted} is out of range: {where} is a list of {len(node)} item(s) "
+            f"(indices 0..{len(node) - 1}; {len(node)} appends one)"
+        )
+    return index
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply ``a.b.0.c=value`` in place; the value is parsed as YAML (``1e-4`` → float, ``[a, b]`` → list)."""
+    """Apply ``a.b.0.c=value`` in place; the value is parsed as YAML (``1e-4`` → float, ``[a, b]`` → list).
+
+    A list index may name an existing item or ``len(list)`` (append). An index past the end, a non-integer index
+    into a list or a key below a scalar is a ``ConfigError`` naming the key and what is there.
+    """
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.path=value")
     dotted, raw = override.split("=", 1)
-    keys = dotted.strip().split(".")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    dotted = dotted.strip()
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"override {override!r}: empty key in {dotted!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {exc}") from None
+    # Each container on the path is copied before it is changed: YAML aliases and merge keys share one object
+    # between several places, and an override of one place must not change the others.
     node: Any = data
-    for i, key in enumerate(keys[:-1]):
-        nxt = keys[i + 1]
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth])
+        here = ".".join(keys[: depth + 1])
+        last = depth == len(keys) - 1
+        fresh = ([] if keys[depth + 1].isdigit() else {}) if not last else value
         if isinstance(node, list):
-            index = int(key)
+            index = _list_index(node, key, where, override, here)
             if index == len(node):
-                node.append([] if nxt.isdigit() else {})
+                node.append(fresh)
+            elif last:
+                node[index] = value
+            elif node[index] is None:
+                node[index] = fresh
+            else:
+                node[index] = copy.copy(node[index])
             node = node[index]
-            continue
-        if key not in node or node[key] is None:
-            node[key] = [] if nxt.isdigit() else {}
-        node = node[key]
-    last = keys[-1]
-    if isinstance(node, list):
-        if int(last) == len(node):
-            node.append(value)
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            elif node.get(key) is None:
+                node[key] = fresh
+            else:
+                node[key] = copy.copy(node[key])
+            node = node[key]
         else:
-            node[int(last)] = value
-    else:
-        node[last] = value
+            raise ConfigError(
+                f"override {override!r}: cannot set {dotted!r}: {where} is {_describe(node)}, not a mapping"
+            )
 
 
 def _format_validation_error(exc: ValidationError, source: str, lines: dict[tuple, int]) -> str:
@@ -114,7 +238,8 @@ def _format_validation_error(exc: ValidationError, source: str, lines: dict[tupl
         else:
             got = err.get("input")
             got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-            messages.append(f"{where}: {dotted}: {err['msg']}{got_text}")
+            message = err["msg"].removeprefix("Value error, ")
+            messages.append(f"{where}: {dotted}: {message}{got_text}")
     return "invalid config:\n  " + "\n  ".join(messages)
 
 
@@ -128,16 +253,41 @@ def config_from_dict(
         raise ConfigError(_format_validation_error(exc, source, lines or {})) from None
 
 
+def _check_finite(data: dict[str, Any], source: str, lines: dict[tuple, int]) -> None:
+    """Every number must be finite, also inside untyped values (loss kwargs, plugin options)."""
+    messages = []
+    for key, value in nonfinite_keys(data):
+        line = next((lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in lines), None)
+        where = f"{source}:{line}" if line else source
+        messages.append(f"{where}: {'.'.join(str(k) for k in key)}: must be a finite number (got {value})")
+    if messages:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(messages))
+
+
+def _check_one_method_key(data: dict[str, Any], source: str, lines: dict[tuple, int]) -> None:
+    """``method`` and ``methods`` both set: one of them would be ignored, so neither is guessed."""
+    if "method" in data and data.get("methods"):
+        at = {k: f" (line {lines[(k,)]})" if (k,) in lines else "" for k in ("method", "methods")}
+        raise ConfigError(
+            f"{source}: both 'method'{at['method']} and 'methods'{at['methods']} are set; 'method' would be ignored. "
+            "Keep 'method' for one method or 'methods' for a comparison, not both"
+        )
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read ``path``, apply dotted ``overrides`` (``train.lr=1e-4``) and validate."""
     data, lines = read_yaml(path)
     for override in overrides or []:
         apply_override(data, override)
-    return config_from_dict(data, str(path), lines)
+    source = str(Path(path).expanduser())
+    _check_one_method_key(data, source, lines)
+    _check_finite(data, source, lines)
+    return config_from_dict(data, source, lines)
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML (what goes to ``run_dir/config.yaml``)."""
+    """The resolved config as YAML (what goes to ``run_dir/config.yaml``; without ``method`` when ``methods`` is
+    set, so the file loads again)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
@@ -159,6 +309,7 @@ def trajectory_hash(cfg: RunConfig, method: MethodSection | None = None) -> str:
     for key in EXECUTION_ONLY_TRAIN_KEYS:
         train.pop(key, None)
     dumped["train"] = train
+    dumped.setdefault("method", cfg.method.model_dump(mode="json"))  # left out of dumps when ``methods`` is set
     if method is not None:
         dumped["method"] = method.model_dump(mode="json")
         dumped["methods"] = []

@@ -7,11 +7,19 @@ must not import torch.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from lifealign.config.base import Section
+from lifealign.config.base import Section, nonfinite_keys
 from lifealign.config.judge import JudgeSection
 from lifealign.config.unlearn import UnlearnSection
 
@@ -66,6 +74,9 @@ class DataSection(Section):
     """Abort a task when more than this fraction of its records is skipped."""
     use_chat_template: bool = True
     """Render prompts with the tokenizer's chat template (with the generation prompt) when it has one."""
+    max_record_bytes: int = Field(1 << 20, gt=0)
+    """Largest record a data file may hold, in bytes (1 MiB); a longer one is a schema violation
+    (``record_too_large``), so a file without newlines cannot be read into memory whole as one record."""
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataSection:
@@ -131,13 +142,29 @@ class SFTSection(Section):
     max_steps: int | None = Field(None, gt=0)
 
 
+class PluginSpec(Section):
+    """One continual-learning plugin of a method, e.g. ``{name: slmc, theta: 0.9, lam: 0.5}``.
+
+    ``name`` picks an entry of ``lifealign.continual.METHODS``; the other keys are arguments of that plugin's
+    constructor, checked against its signature when the config is bound (``lifealign.engine.specs``).
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class MethodSection(Section):
     """A continual method: a named list of plugins plus the loss, e.g. LifeAlign = fpo + [replay, slmc]."""
 
     name: str = "seqft"
     """The key under which this method's scores are stored (``seqft``, ``lifealign``, ...)."""
     loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dpo")])
-    plugins: list[dict[str, Any]] = Field(default_factory=list)
+    plugins: list[PluginSpec] = Field(default_factory=list)
     """``[{name: replay, buffer_size: 3000}, {name: slmc, theta: 0.9, lam: 0.5}]``; run in this order."""
     runner: Literal["sequential", "mtl", "stl"] = "sequential"
     reference: Literal["base", "previous"] = "base"
@@ -166,7 +193,13 @@ class EvalSection(Section):
 
 
 class RunConfig(Section):
-    """A whole run: model, data policy, tasks, method(s), optimisation and evaluation."""
+    """A whole run: model, data policy, tasks, method(s), optimisation and evaluation.
+
+    Set ``method`` (one method) or ``methods`` (a comparison), not both: ``lifealign.config.load_config`` refuses a
+    file that sets both, and a dump of a config with ``methods`` leaves the unused ``method`` out, so a run folder's
+    ``config.yaml`` loads again. ``output_dir`` expands ``~``. No number anywhere in the config may be NaN or infinite,
+    including the untyped loss keyword arguments and plugin options.
+    """
 
     output_dir: str = "runs/default"
     model: ModelSection = Field(default_factory=ModelSection)
@@ -180,6 +213,27 @@ class RunConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     unlearn: UnlearnSection = Field(default_factory=UnlearnSection)
     """U2A (``lifealign unlearn``) and the negative-only tasks of a stream."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data: Any) -> Any:
+        bad = nonfinite_keys(data)
+        if bad:
+            listed = ", ".join(f"{'.'.join(str(k) for k in key)} = {value}" for key, value in bad)
+            raise ValueError(f"every number must be finite; got {listed}")
+        return data
+
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_home(cls, v: str) -> str:
+        return os.path.expanduser(v)
+
+    @model_serializer(mode="wrap")
+    def _without_unused_method(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.methods and isinstance(data, dict):
+            data.pop("method", None)
+        return data
 
     def all_methods(self) -> list[MethodSection]:
         return list(self.methods) if self.methods else [self.method]
