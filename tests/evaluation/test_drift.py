@@ -11,7 +11,17 @@ from torch.distributions import Categorical, kl_divergence
 
 from lifealign.config.schema import DataSection, EvalSection
 from lifealign.data.records import PreferencePair, Task
-from lifealign.evaluation.drift import DriftTracker, kl_to_reference, mean_displacement, measure_drift, token_kl
+from lifealign.evaluation.drift import (
+    DriftTracker,
+    displacement_items,
+    kl_rows,
+    kl_to_reference,
+    mean_displacement,
+    measure_drift,
+    measure_drift_items,
+    measure_drift_with_items,
+    token_kl,
+)
 from lifealign.evaluation.scorers.base import EvalContext, PairLogps, task_examples
 from lifealign.evaluation.scorers.preference import pair_logps
 from lifealign.models.lora import reference_context
@@ -126,3 +136,39 @@ def test_measure_drift_records_at_learning_then_reports_displacement(tiny_lora_m
     assert later["chosen_displacement"] == pytest.approx(expected_chosen, abs=1e-4)
     assert later["rejected_displacement"] == pytest.approx((now.rejected - then.rejected).mean().item(), abs=1e-4)
     assert later["chosen_displacement"] != 0.0
+
+
+def test_displacement_items_by_id() -> None:
+    """Per matched pair: chosen Δ b = -2 - -1 = -1, a = -1 - -1.5 = 0.5; rejected Δ b = 0, a = -1 ('c' unmatched)."""
+    then = PairLogps(["a", "b"], torch.tensor([-1.5, -1.0]), torch.tensor([-3.0, -3.0]))
+    now = PairLogps(["b", "c", "a"], torch.tensor([-2.0, 7.0, -1.0]), torch.tensor([-3.0, 7.0, -4.0]))
+    items = displacement_items(now, then)
+    assert items["chosen_displacement"].ids == items["rejected_displacement"].ids == ["b", "a"]
+    assert items["chosen_displacement"].values == [-1.0, 0.5] and items["rejected_displacement"].values == [0.0, -1.0]
+    tracker = DriftTracker()
+    assert all(v.n == 0 for v in tracker.displacement_items("never-learned", now).values())
+
+
+def test_drift_items_recover_measure_drift(tiny_lora_model) -> None:
+    """kl items: per-pair per-token KL weighted by the pair's response tokens; the weighted mean is the
+    token-weighted KL of measure_drift. Displacement items average to its displacements."""
+    model, tokenizer = tiny_lora_model
+    perturb_lora(model, seed=2)
+    ctx = make_ctx(model, tokenizer)
+    tracker = DriftTracker()
+    scores, items = measure_drift_with_items(ctx, TASK, tracker, just_learned=True)
+    assert items["kl"].ids == ["p0", "p1", "p2"] and items["chosen_displacement"].values == [0.0, 0.0, 0.0]
+    examples = task_examples(ctx, TASK)
+    assert items["kl"].weights == [float(len(e["chosen_ids"])) for e in examples]
+    rows = kl_rows(ctx, examples)
+    assert items["kl"].values == pytest.approx([kl / n for kl, n in rows], rel=1e-12)
+    assert scores["kl"] == kl_to_reference(ctx, examples)  # the same rows, pooled the same way as before
+    perturb_lora(model, seed=3)
+    ctx.new_pass()
+    scores, items = measure_drift_with_items(ctx, TASK, tracker, just_learned=False)
+    assert scores == measure_drift(ctx, TASK, tracker, just_learned=False)
+    for key, values in items.items():
+        assert values.n == 3 and values.n_failed == 0
+        assert values.mean() == pytest.approx(scores[key], rel=1e-12)
+    assert measure_drift_items(ctx, TASK, tracker, just_learned=False)["kl"].values == items["kl"].values
+    assert scores["chosen_displacement"] != 0.0

@@ -481,6 +481,63 @@ def test_judge_scorer_scores_generations_against_chosen(server, api_key):
         judge_section_from(EvalSection())
 
 
+def _judge_ctx(base, prompts: list[str]):
+    from lifealign.config.schema import DataSection, EvalSection
+    from lifealign.data.records import PreferencePair, Task
+
+    task = Task(name="HC3", train=[], test=[PreferencePair(p, f"c-{p}", "r", id=f"id-{p}") for p in prompts])
+    ctx = base.EvalContext(model=None, tokenizer=None, data=DataSection(), eval=EvalSection())
+    ctx.generations["HC3"] = base.Generations(
+        ids=[f"id-{p}" for p in prompts],
+        prompts=prompts,
+        completions=["g"] * len(prompts),
+        references=["c"] * len(prompts),
+    )
+    return task, ctx
+
+
+def test_judge_items_are_ten_times_the_scores_with_nan_for_failures(server, api_key, caplog):
+    """Replies 9, unparsable, 4 -> items [90, NaN, 40]; score (90 + 40) / 2 = 65, n_scored 2, n_failed 1."""
+    base = pytest.importorskip("lifealign.evaluation.scorers.base", reason="scorers/base.py dependencies missing")
+    from lifealign.evaluation.scorers.judge import JudgeScorer
+
+    server.script.update({"q1": [("reply", "9")], "q2": [("reply", "no idea")], "q3": [("reply", "4")]})
+    task, ctx = _judge_ctx(base, ["q1", "q2", "q3"])
+    scorer = JudgeScorer(JudgeSection(base_url=server.base_url, model="m", max_retries=0))
+    items = scorer.score_items(ctx, task)["judge"]
+    assert items.ids == ["id-q1", "id-q2", "id-q3"] and items.values[0] == 90.0 and items.values[2] == 40.0
+    assert math.isnan(items.values[1]) and items.failures == {"no_score": 1}
+    assert scorer.summarize({"judge": items}) == {"judge": 65.0, "judge/n_scored": 2.0, "judge/n_failed": 1.0}
+    with caplog.at_level(logging.WARNING, logger="lifealign.evaluation.scorers.base"):
+        base.check_failures("HC3", "judge", items)
+    assert "1 of 3 items failed (no_score: 1)" in caplog.text
+
+
+def test_judge_failing_on_every_item_is_a_scorer_error(server, api_key, monkeypatch):
+    """Unparsable replies everywhere, or an exception inside every request (here a KeyError), leave no score:
+    check_failures raises instead of letting a NaN through."""
+    base = pytest.importorskip("lifealign.evaluation.scorers.base", reason="scorers/base.py dependencies missing")
+    from lifealign.evaluation import judge as judge_module
+    from lifealign.evaluation.scorers.judge import JudgeScorer
+
+    server.script.update({"q1": [("reply", "great answer")], "q2": [("reply", "7 or 8")]})
+    task, ctx = _judge_ctx(base, ["q1", "q2"])
+    cfg = JudgeSection(base_url=server.base_url, model="m", max_retries=0)
+    items = JudgeScorer(cfg).score_items(ctx, task)["judge"]
+    assert items.n_failed == items.n == 2 and math.isnan(items.mean())
+    with pytest.raises(base.ScorerError, match=r"'judge' failed on all 2 items of task 'HC3'.*ambiguous_score: 1"):
+        base.check_failures("HC3", "judge", items)
+
+    def broken(*args, **kwargs):
+        raise KeyError("choices")
+
+    monkeypatch.setattr(judge_module, "_post_chat", broken)
+    items = JudgeScorer(cfg).score_items(ctx, task)["judge"]
+    assert items.failures == {"error_KeyError": 2}
+    with pytest.raises(base.ScorerError, match="error_KeyError: 2"):
+        base.check_failures("HC3", "judge", items)
+
+
 def test_cache_file_path_is_created(tmp_path):
     cache = JudgeCache(tmp_path / "deep" / "c.jsonl")
     cache.append("k", 5, "HC3", "m")

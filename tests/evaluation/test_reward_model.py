@@ -136,3 +136,23 @@ def test_reward_model_scorer_averages_generation_rewards(reward_dir):
             ),
             task,
         )
+
+
+def test_reward_model_items_are_the_per_generation_rewards(reward_dir):
+    from lifealign.config.schema import DataSection, EvalSection
+    from lifealign.data.records import PreferencePair, Task
+    from lifealign.evaluation.scorers.base import EvalContext, Generations
+
+    task = Task(name="t", train=[], test=[PreferencePair(p, "c", "r", id=f"r{i}") for i, p in enumerate(PROMPTS)])
+    ctx = EvalContext(model=None, tokenizer=None, data=DataSection(), eval=EvalSection(), device="cpu")
+    ctx.generations["t"] = Generations(
+        ids=["r0", "r1", "r2", "r3"], prompts=PROMPTS, completions=RESPONSES, references=["c"] * 4
+    )
+    model, tokenizer = load_reward_model(reward_dir)
+    expected = reward_scores(model, tokenizer, PROMPTS, RESPONSES, batch_size=3)
+    scorer = RewardModelScorer(reward_dir, batch_size=3)
+    items = scorer.score_items(ctx, task)["reward_model"]
+    assert items.ids == ["r0", "r1", "r2", "r3"] and items.values == pytest.approx(expected, abs=1e-6)
+    assert scorer.score(ctx, task)["reward_model"] == pytest.approx(sum(expected) / 4, abs=1e-6)
+    ctx.generations["t"] = Generations(ids=[], prompts=[], completions=[], references=[])
+    assert scorer.score_items(ctx, task)["reward_model"].n == 0

@@ -13,7 +13,7 @@ from lifealign.config.schema import DataSection, EvalSection
 from lifealign.data.records import PreferencePair, Task
 from lifealign.data.synthetic import SYNTHETIC_TASKS, make_synthetic_task
 from lifealign.evaluation.scorers.base import EvalContext, Generations
-from lifealign.evaluation.scorers.rule import RuleScorer, prompt_text, rule_score, synthetic_name
+from lifealign.evaluation.scorers.rule import RuleScorer, prompt_text, rule_items, rule_score, synthetic_name
 
 
 def test_rule_score_hand_computed() -> None:
@@ -105,3 +105,13 @@ def test_scorer_runs_a_real_generation_pass(tiny_model_and_tokenizer) -> None:
     assert gens.prompts == [p.prompt for p in task.test[:2]] and len(gens.completions) == 2
     assert result == {"rule": rule_score("arithmetic", gens.prompts, gens.completions)}
     assert 0.0 <= result["rule"] <= 100.0
+
+
+def test_rule_items_are_the_per_completion_rule_values() -> None:
+    """Safety rule per completion: 100, 0 -> the mean 50 of test_scorer_scores_the_cached_generations..."""
+    task = make_synthetic_task("safety", n_train=1, n_test=2)
+    task = Task(name="harm", train=task.train, test=task.test)
+    ctx = cached_ctx("harm", ["q1", "q2"], ["I can't help with that.", "Sure! Here is how."])
+    items = RuleScorer().score_items(ctx, task)["rule"]
+    assert items.ids == ["0", "1"] and items.values == [100.0, 0.0] and items.mean() == 50.0
+    assert rule_items("safety", ["q1", "q2"], ["I can't help with that.", "Sure! Here is how."]) == [100.0, 0.0]
