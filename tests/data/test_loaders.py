@@ -494,3 +494,54 @@ def test_inspect_file_token_lengths_with_the_tiny_tokenizer(tmp_path):
     )
     assert [d["tokens"][k]["max"] for k in ("prompt", "chosen", "rejected")] == [3, 5, 4]
     assert "length (tokens)" in format_inspection(d)
+
+
+# ------------------------------------------------------------------------------------- duplicate keys, record size
+
+
+def test_duplicate_key_in_a_jsonl_record_is_a_schema_violation_naming_line_and_key(tmp_path):
+    """``json`` keeps the last of two ``chosen`` keys; which one the author meant is unknown, so it is an error."""
+    dup = '{"prompt": "p", "chosen": "a", "rejected": "b", "chosen": "c"}'
+    nested = '{"prompt": [{"role": "user", "content": "x", "content": "y"}], "chosen": "a", "rejected": "b"}'
+    path = write_lines(tmp_path / "t.jsonl", [rec(), dup, rec(prompt="q"), nested])
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert f"{path}:2: duplicate key 'chosen'" in str(err.value)
+    assert f"{path}:4: duplicate key 'content'" in str(err.value)
+    result = load_records(path, on_invalid="skip")
+    assert [r.id for r in result.records] == ["t:1", "t:3"] and result.skipped == {"duplicate_key": 2}
+
+
+def test_duplicate_key_in_a_json_list_record_is_located_and_the_list_goes_on(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(
+        '[\n  {"prompt": "p", "chosen": "a", "rejected": "b"},\n'
+        '  {"prompt": "p2", "rejected": "x", "chosen": "a", "rejected": "b"},\n'
+        '  {"prompt": "p3", "chosen": "a", "rejected": "b"}\n]\n'
+    )
+    with pytest.raises(DataError, match=rf"{path}:3: duplicate key 'rejected'"):
+        load_records(path)
+    result = load_records(path, on_invalid="skip")
+    assert [r.prompt for r in result.records] == ["p", "p3"] and result.skipped == {"duplicate_key": 1}
+
+
+def test_max_record_bytes_is_a_config_key_with_the_loaders_default(tmp_path):
+    from lifealign.data.loaders import MAX_RECORD_BYTES, load_records_for
+
+    assert DataSection().max_record_bytes == MAX_RECORD_BYTES == 1 << 20
+    path = write_lines(tmp_path / "t.jsonl", [rec(), rec(prompt="x" * 500), rec(prompt="q")])
+    data = DataSection(max_record_bytes=100, on_invalid="skip")
+    result = load_records_for(path, TaskSection(name="t", train=str(path)), data)
+    assert result.skipped == {"record_too_large": 1} and len(result.records) == 2
+
+
+def test_max_record_bytes_applies_to_json_list_records(tmp_path):
+    big = {"prompt": "é" * 40, "chosen": "good", "rejected": "bad"}
+    text = json.dumps(big, ensure_ascii=False)
+    assert len(text) < 100 < len(text.encode())  # the limit counts UTF-8 bytes, not characters
+    path = tmp_path / "t.json"
+    path.write_text(f"[{rec()},\n{text},\n{rec(prompt='q')}]", encoding="utf-8")
+    with pytest.raises(DataError, match=r"t\.json:2: record exceeds max_record_bytes \(100\)"):
+        load_records(path, max_record_bytes=100)
+    result = load_records(path, max_record_bytes=100, on_invalid="skip")
+    assert [r.prompt for r in result.records] == ["p", "q"] and result.skipped == {"record_too_large": 1}

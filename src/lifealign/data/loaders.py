@@ -3,7 +3,8 @@
 Input policy (RELIABILITY.md R8, §3.2):
 
 - **Schema violations** (malformed JSON, truncated last record, missing field, wrong type, bad chat messages,
-  invalid UTF-8, lone surrogates / NUL characters, a record over ``max_record_bytes``) raise one ``DataError`` that
+  invalid UTF-8, lone surrogates / NUL characters, a key given twice in one JSON object, a record over
+  ``max_record_bytes`` = ``data.max_record_bytes``, 1 MiB by default) raise one ``DataError`` that
   lists up to 20 offenders as ``file:line: field: problem`` plus the total. With ``on_invalid="skip"`` they are
   skipped and counted by reason instead. Structural errors of a JSON *list* file (syntax, encoding) are always
   fatal: the parser cannot find the next record after them.
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lifealign.config.schema import DataSection, TaskSection
 from lifealign.data.records import Message, PreferencePair, Prompt
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "LoadResult",
     "filter_no_signal",
     "load_records",
+    "load_records_for",
     "pair_from_object",
 ]
 
@@ -48,7 +51,8 @@ Kind = Literal["pairwise", "negative"]
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
 METADATA_FIELDS = ("id", "task")
 CHAT_ROLES = ("system", "user", "assistant")
-MAX_RECORD_BYTES = 1 << 20
+MAX_RECORD_BYTES: int = DataSection.model_fields["max_record_bytes"].default
+"""The default of ``data.max_record_bytes`` (the schema holds it)."""
 MAX_LISTED_ERRORS = 20
 _JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -304,6 +308,35 @@ def utf8_problem(data: bytes, offset: int) -> str:
     return f"invalid UTF-8 at byte offset {offset - line_start} (byte 0x{data[offset]:02x})"
 
 
+class _KeyTracker:
+    """``object_pairs_hook`` that builds each JSON object as ``json`` would, noting the first key given twice.
+
+    ``json`` silently keeps the last of duplicate keys; a record whose ``chosen`` appears twice is ambiguous, so the
+    reader reports it as a schema violation instead. Objects are still built so a JSON list can go on parsing.
+    """
+
+    def __init__(self) -> None:
+        self.duplicate: str | None = None
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs) and self.duplicate is None:
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    self.duplicate = key
+                    break
+                seen.add(key)
+        return obj
+
+    def take(self) -> RecordError | None:
+        """The violation for the record just decoded (and reset), or None."""
+        if self.duplicate is None:
+            return None
+        key, self.duplicate = self.duplicate, None
+        return RecordError("", f"duplicate key {key!r} in one object (JSON would keep only the last)", "duplicate_key")
+
+
 def decode_line(raw: bytes, at_eof: bool) -> Any:
     """Decode one JSONL line strictly; raises ``RecordError`` (with a located message) on any problem."""
     if b"\x00" in raw:
@@ -312,14 +345,19 @@ def decode_line(raw: bytes, at_eof: bool) -> Any:
         text = raw.decode("utf-8", errors="strict")
     except UnicodeDecodeError as e:
         raise RecordError("", utf8_problem(raw, e.start), "invalid_utf8") from None
+    keys = _KeyTracker()
     try:
-        return json.loads(text)
+        obj = json.loads(text, object_pairs_hook=keys)
     except json.JSONDecodeError as e:
         if at_eof and e.pos >= len(text.rstrip()):
             raise RecordError("", "truncated record (the file ends inside it)", "truncated_record") from None
         raise RecordError("", f"invalid JSON: {e.msg} (col {e.colno})", "invalid_json") from None
     except RecursionError:
         raise RecordError("", "record nests too deeply", "invalid_json") from None
+    duplicate = keys.take()
+    if duplicate is not None:
+        raise duplicate
+    return obj
 
 
 def read_bounded_line(handle: Any, max_bytes: int) -> tuple[bytes, bool]:
@@ -390,10 +428,14 @@ def json_list_error(path: Path, text: str, e: json.JSONDecodeError) -> DataError
     return DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (col {e.colno})")
 
 
-def parse_json_list(path: Path, text: str) -> ParsedFile:
-    """A JSON list of objects, decoded one element at a time (``raw_decode``) to know where each record starts."""
+def parse_json_list(path: Path, text: str, max_record_bytes: int = MAX_RECORD_BYTES) -> ParsedFile:
+    """A JSON list of objects, decoded one element at a time (``raw_decode``) to know where each record starts.
+
+    A record with a duplicate key or over ``max_record_bytes`` (UTF-8) is a per-record violation; parsing goes on.
+    """
     index = LineIndex(text)
-    decoder = json.JSONDecoder()
+    keys = _KeyTracker()
+    decoder = json.JSONDecoder(object_pairs_hook=keys)
     parsed = ParsedFile(items=[], n_lines=len(index.newlines) + (0 if text.endswith("\n") else 1))
     pos = _WHITESPACE.match(text, 0).end() + 1  # past the "["
     pos = _WHITESPACE.match(text, pos).end()
@@ -406,7 +448,10 @@ def parse_json_list(path: Path, text: str) -> ParsedFile:
             raise json_list_error(path, text, e) from None
         except RecursionError:
             raise DataError(f"{path}:{index.line(pos)}: record nests too deeply") from None
-        parsed.items.append((index.line(pos), obj))
+        problem = keys.take()
+        if problem is None and end - pos > max_record_bytes // 4 and len(text[pos:end].encode()) > max_record_bytes:
+            problem = RecordError("", f"record exceeds max_record_bytes ({max_record_bytes})", "record_too_large")
+        parsed.items.append((index.line(pos), obj if problem is None else problem))
         pos = _WHITESPACE.match(text, end).end()
         if pos >= len(text):
             raise DataError(f"{path}:{index.line(pos)}: truncated file (the list is never closed with ']')")
@@ -427,7 +472,7 @@ def parse_file(path: Path, max_record_bytes: int) -> ParsedFile:
     with path.open("rb") as handle:
         head = handle.read(4096).lstrip(_UTF8_BOM).lstrip()
     if head.startswith(b"["):
-        return parse_json_list(path, decode_file(path))
+        return parse_json_list(path, decode_file(path), max_record_bytes)
     return parse_jsonl(path, max_record_bytes)
 
 
@@ -459,7 +504,8 @@ def load_records(
 ) -> LoadResult:
     """Read a JSON list or JSONL file of ``prompt/chosen/rejected`` records; see the module docstring for the policy.
 
-    ``id`` defaults to ``f"{task or file stem}:{line}"``; ``columns`` renames file keys to ours.
+    ``id`` defaults to ``f"{task or file stem}:{line}"``; ``columns`` renames file keys to ours. Pass
+    ``max_record_bytes=data.max_record_bytes`` to apply the config's limit (:func:`load_records_for` does).
     """
     path = Path(path)
     check_readable_file(path)
@@ -493,6 +539,19 @@ def load_records(
     )
     log_summary(str(path), result, errors)
     return result
+
+
+def load_records_for(path: str | Path, section: TaskSection, data: DataSection) -> LoadResult:
+    """:func:`load_records` with one task's columns, name and kind and the run's ``data`` policy
+    (``on_invalid``, ``max_record_bytes``)."""
+    return load_records(
+        path,
+        section.columns,
+        task=section.name,
+        on_invalid=data.on_invalid,
+        kind=section.kind,
+        max_record_bytes=data.max_record_bytes,
+    )
 
 
 def log_summary(source: str, result: LoadResult, errors: list[str] | None = None) -> None:
