@@ -82,7 +82,7 @@ def test_llamafactory_matches_its_procedure_on_the_libraries() -> None:
     assert all(0 < rouge < 100 and 0 < bleu < 100 for rouge, bleu in expected)
 
 
-# ------------------------------------------------------------------------------------------------ sacrebleu / rouge-score
+# ---------------------------------------------------------------------------------------- sacrebleu / rouge-score
 
 
 def test_sacrebleu_and_rouge_score_hand_computed() -> None:

@@ -156,7 +156,7 @@ class RougeL(Scorer):
 
 
 class Bleu4(Scorer):
-    """``bleu4``: mean sentence BLEU-4 (0–100) of greedy completions against the chosen responses, per ``convention``."""
+    """``bleu4``: mean sentence BLEU-4 (0–100) of greedy completions against the chosen answers, per ``convention``."""
 
     name = "bleu4"
     needs_generation = True

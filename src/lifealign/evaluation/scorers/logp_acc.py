@@ -5,8 +5,8 @@ reference), this needs no reference and means the same for a base model, a fresh
 the held-out pairs ``(x, y_c, y_r)``, with ``ℓ(y) = Σ_t log π(y_t | x, y_<t)`` summed over the ``|y|`` response
 tokens:
 
-    logp_acc      = 100 · mean( 1[ℓ(y_c) > ℓ(y_r)]             + ½ · 1[ℓ(y_c) = ℓ(y_r)] )               (raw)
-    logp_acc_norm = 100 · mean( 1[ℓ(y_c)/|y_c| > ℓ(y_r)/|y_r|] + ½ · 1[ℓ(y_c)/|y_c| = ℓ(y_r)/|y_r|] )  (length-normalised)
+    logp_acc      = 100 · mean( 1[ℓ(y_c) > ℓ(y_r)]             + ½ · 1[ℓ(y_c) = ℓ(y_r)] )              (raw)
+    logp_acc_norm = 100 · mean( 1[ℓ(y_c)/|y_c| > ℓ(y_r)/|y_r|] + ½ · 1[ℓ(y_c)/|y_c| = ℓ(y_r)/|y_r|] )  (per token)
 
 The raw form favours the shorter response (every token costs log-probability); the per-token mean removes most of
 that bias, so report both. It reads the policy log-probs that ``pref_acc`` and drift already computed this pass

@@ -2,8 +2,8 @@
 
 ``score = mean_i r(prompt_i, generation_i)`` (the items are the ``r(prompt_i, generation_i)``) where ``r`` is
 ``logits[:, 0]`` of an ``AutoModelForSequenceClassification`` with ``num_labels=1`` (a trl ``RewardTrainer``-style
-model), read at the last non-pad token of ``prompt + response``. The pair is rendered with the reward model's own chat template when
-it has one (``[*prompt messages, {assistant: response}]``), else as plain ``prompt + response``.
+model), read at the last non-pad token of ``prompt + response``. The pair is rendered with the reward model's own
+chat template when it has one (``[*prompt messages, {assistant: response}]``), else as plain ``prompt + response``.
 
 Batches are right-padded with the model's ``config.pad_token_id``, which is exactly the id the model's pooling
 skips (it takes the rightmost token that is not the pad id), and attention masks come from lengths. So a padded
