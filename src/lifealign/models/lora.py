@@ -18,6 +18,7 @@ weights themselves (:func:`gathered_lora`); code that reads or edits whole LoRA 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -34,9 +36,13 @@ from lifealign.config.schema import LoraSection
 from lifealign.models.gather import canonical_name, gathered_parameters
 
 __all__ = [
+    "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
+    "AdapterError",
+    "AdapterNotFoundError",
     "LoraStateError",
     "attach_lora",
+    "check_adapter_dir",
     "enable_input_grads_if_checkpointing",
     "gathered_lora",
     "load_adapter",
@@ -44,16 +50,26 @@ __all__ = [
     "lora_modules",
     "lora_parameters",
     "lora_state",
+    "read_adapter_weights",
     "reference_context",
     "save_adapter",
 ]
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 _LORA_WEIGHT = re.compile(r"\.lora_[AB]\.")
 
 
 class LoraStateError(ValueError):
     """A LoRA state or saved adapter does not match the model's adapter (missing, unexpected or mis-shaped keys)."""
+
+
+class AdapterError(LoraStateError):
+    """A saved adapter folder cannot be loaded; the message names the folder or file and what is wrong."""
+
+
+class AdapterNotFoundError(AdapterError, FileNotFoundError):
+    """The adapter folder, or a file peft needs in it, does not exist."""
 
 
 def attach_lora(model: nn.Module, cfg: LoraSection) -> PeftModel:
@@ -146,7 +162,13 @@ def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str,
 
 
 def save_adapter(model: PeftModel, path: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``path`` (peft ``save_pretrained``)."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``path`` (peft ``save_pretrained``).
+
+    ``base_model_name_or_path`` in ``adapter_config.json`` is the base model's ``name_or_path``, which
+    :mod:`lifealign.models.load` sets to something ``from_pretrained`` resolves to the same weights (the cached
+    safetensors folder of the bundled SmolLM2 or of ``tiny``, a local folder's absolute path, or a hub id), so
+    ``AutoPeftModelForCausalLM.from_pretrained(path)`` works without lifealign.
+    """
     path = Path(path)
     # We never resize the vocabulary, so full embedding matrices never need saving; "auto" would also look the base
     # model's name up on the hub to decide, which is a network call (or a warning offline).
@@ -154,18 +176,70 @@ def save_adapter(model: PeftModel, path: str | Path) -> Path:
     return path
 
 
+def check_adapter_dir(path: str | Path) -> Path:
+    """``path`` as a folder holding a peft adapter, or an ``AdapterError`` naming what is missing or wrong.
+
+    Cheap (no tensor is read): call it before loading a base model, so a wrong ``--adapter`` fails at once.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise AdapterNotFoundError(f"adapter folder not found: {path}")
+    if not path.is_dir():
+        hint = " (give the folder that holds it)" if path.name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE) else ""
+        raise AdapterError(f"adapter path {path} is not a folder{hint}")
+    config, weights = path / ADAPTER_CONFIG_FILE, path / ADAPTER_WEIGHTS_FILE
+    if not config.is_file() and not weights.is_file():
+        raise AdapterNotFoundError(
+            f"no adapter in {path}: it has neither {ADAPTER_CONFIG_FILE} nor {ADAPTER_WEIGHTS_FILE} "
+            "(expected a folder written by peft save_pretrained, such as RUN_DIR/adapter)"
+        )
+    if not config.is_file():
+        raise AdapterNotFoundError(
+            f"adapter folder {path} has no {ADAPTER_CONFIG_FILE} (peft needs it for the rank and target modules)"
+        )
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise AdapterError(
+                f"adapter folder {path} only has pickle weights (adapter_model.bin), which are refused because "
+                f"loading them can run arbitrary code; re-save it with safe_serialization=True"
+            )
+        raise AdapterNotFoundError(f"adapter folder {path} has no {ADAPTER_WEIGHTS_FILE}")
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise AdapterError(f"{config}: unreadable or not valid JSON ({err})") from None
+    if not isinstance(settings, dict) or "peft_type" not in settings:
+        raise AdapterError(f"{config}: not a peft adapter config (no 'peft_type')")
+    return path
+
+
+def read_adapter_weights(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of ``path/adapter_model.safetensors``; a truncated or corrupt file is an ``AdapterError``."""
+    weights = Path(path) / ADAPTER_WEIGHTS_FILE
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        size = weights.stat().st_size if weights.exists() else 0
+        raise AdapterError(
+            f"{weights} is not a valid safetensors file ({size} bytes; truncated or corrupt: {err}); "
+            "save the adapter again or use an intact copy"
+        ) from None
+
+
 def load_adapter(base_model: nn.Module, path: str | Path, is_trainable: bool = False) -> PeftModel:
     """``PeftModel.from_pretrained`` on ``base_model``, then check every saved tensor landed unchanged.
 
-    peft only warns on missing adapter keys (peft #2118); here a missing, unexpected or differing tensor raises
-    ``LoraStateError``, so an adapter from a different base or a truncated file never loads silently.
+    The folder is checked first (:func:`check_adapter_dir`) and a truncated or corrupt weights file, or an adapter
+    that does not fit the base, is an ``AdapterError`` naming the folder or file. peft only warns on missing adapter
+    keys (peft #2118); here a missing, unexpected or differing tensor raises ``LoraStateError``, so an adapter from
+    a different base or a truncated file never loads silently.
     """
-    path = Path(path)
-    weights = path / ADAPTER_WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_FILE} in adapter directory {path}")
-    saved = load_file(str(weights))
-    model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+    path = check_adapter_dir(path)
+    saved = read_adapter_weights(path)
+    try:
+        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise AdapterError(f"adapter {path} does not fit the base model: {err}") from err
     loaded = get_peft_model_state_dict(model)
     _check_same_keys(set(loaded), set(saved), what=f"adapter {path}")
     for name, tensor in saved.items():
