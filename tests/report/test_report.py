@@ -147,3 +147,76 @@ def test_write_report_makes_report_and_linked_pngs(tmp_path: Path) -> None:
 def test_report_layer_does_not_import_torch() -> None:
     code = "import sys, lifealign.report; assert 'torch' not in sys.modules, 'report imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------ a corrupt scores.json, readable plots
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (
+            b'{"seqft": {"pref_acc": {"matrix": [[50.0, nu',
+            r"truncated JSON \(the file ends at line 1 with 5 bracket\(s\) open",
+        ),
+        (b"", r"the file is empty"),
+        (b'{"seqft": {"pref_acc": {"matrix": [[1]]}},}', r":1: invalid JSON: .* \(col \d+\)"),
+        (b'{"seqft": \xff}', r"not UTF-8 text \(byte 0xff at offset 10\)"),
+        (b"[1, 2]", r"expected a JSON object"),
+        (b'{"seqft": {"pref_acc": {"matrix": [[1, "x"]]}}}', r"\['matrix'\] must be square"),
+        (b'{"seqft": {"pref_acc": {"matrix": [["x"]]}}}', r"\['matrix'\] row 0 must hold numbers or null"),
+        (b'{"seqft": {"pref_acc": {"matrix": 5}}}', r"\['matrix'\] must be a list of rows"),
+    ],
+)
+def test_unusable_scores_file_names_the_file_and_the_problem(tmp_path: Path, content: bytes, problem: str) -> None:
+    from lifealign.report.results import ScoresFileError
+
+    (tmp_path / "scores.json").write_bytes(content)
+    with pytest.raises(ScoresFileError, match=rf"{tmp_path / 'scores.json'}.*{problem}"):
+        collect_runs([tmp_path])
+
+
+def test_report_cli_on_a_truncated_scores_file_names_it(tmp_path: Path) -> None:
+    write_scores(tmp_path / "run", SCORES)
+    path = tmp_path / "run" / "scores.json"
+    path.write_text(path.read_text()[:100])
+    code = "import sys; from lifealign.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "report", str(tmp_path / "run")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert f"error: {path}: truncated JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_percent_metrics_use_a_fixed_0_100_colour_scale_and_others_their_range() -> None:
+    from lifealign.report.plots import score_matrix_figure
+
+    for metric in ("pref_acc", "logp_acc", "rouge_l", "bleu4", "judge", "rule"):
+        image = score_matrix_figure(PREF, f"seqft — {metric}").axes[0].images[0]
+        assert image.get_clim() == (0.0, 100.0), metric
+    assert score_matrix_figure(PREF, "anything", metric="pref_acc").axes[0].images[0].get_clim() == (0.0, 100.0)
+    assert score_matrix_figure(MARGIN, "seqft — margin").axes[0].images[0].get_clim() == (-0.1, 0.4)
+
+
+def test_small_quantities_keep_three_significant_digits() -> None:
+    from lifealign.report.plots import score_matrix_figure
+
+    kl = summary([[0.0123, NAN, NAN], [0.5, 0.00042, NAN], [1.5, 12.345, 0.0]])
+    texts = [t.get_text() for t in score_matrix_figure(kl, "seqft — kl").axes[0].texts]
+    assert texts == ["0.0123", "0.5", "0.00042", "1.5", "12.3", "0"]
+    texts = [t.get_text() for t in score_matrix_figure(PREF, "seqft — pref_acc").axes[0].texts]
+    assert texts == ["50.0", "40.0", "60.0", "30.0", "55.0", "70.0"]
+
+
+def test_curve_legend_stands_outside_the_axes_and_inside_the_figure() -> None:
+    from lifealign.report.plots import task_curves_figure
+
+    long_names = summary(
+        [[50.0, NAN, NAN], [40.0, 60.0, NAN], [30.0, 55.0, 70.0]], tasks=("arithmetic", "capitals-long", "c")
+    )
+    fig = task_curves_figure(long_names, "seqft — pref_acc")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes_box.x1  # right of the plotting area: it cannot cover a line
+    assert legend.x1 <= fig.bbox.x1 and legend.y0 >= fig.bbox.y0  # and not cut off

@@ -2,6 +2,17 @@
 
 Figures are drawn with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure``), never through
 ``pyplot``: no global backend or figure registry, so plotting works headless and leaks nothing between calls.
+
+Readability rules:
+
+- Heatmaps of 0–100 metrics (:data:`PERCENT_METRICS`: ``pref_acc``, ``logp_acc``, ``rouge_l``, ``bleu4``, ``judge``,
+  ``rule``, ...) use a fixed 0–100 colour scale, so the colours of two methods or runs compare directly. Other
+  quantities (``margin``, ``kl``, displacements) are scaled to their own finite range.
+- Cell labels: one decimal for 0–100 metrics, 3 significant digits otherwise (a KL of 0.0123 reads ``0.0123``,
+  not ``0.01``).
+- Legends stand outside the axes, to the right, so they never cover a line.
+
+``score_matrix_figure`` / ``task_curves_figure`` build the figures (for tests and notebooks); ``plot_*`` save PNGs.
 """
 
 from __future__ import annotations
@@ -15,7 +26,17 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_bar", "plot_histogram", "plot_score_matrix", "plot_task_curves"]
+__all__ = [
+    "PERCENT_METRICS",
+    "format_cell",
+    "is_percent_metric",
+    "plot_bar",
+    "plot_histogram",
+    "plot_score_matrix",
+    "plot_task_curves",
+    "score_matrix_figure",
+    "task_curves_figure",
+]
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -39,40 +60,71 @@ def _task_names(summary: Mapping[str, Any], n: int) -> list[str]:
     return list(summary.get("tasks") or [f"T{k + 1}" for k in range(n)])
 
 
-def plot_score_matrix(summary: Mapping[str, Any], title: str, path: str | Path) -> Path:
-    """Heatmap of ``m[i][j]`` (row = after training task i, column = test task j), each cell annotated.
+PERCENT_METRICS = frozenset({"pref_acc", "logp_acc", "logp_acc_norm", "rouge_l", "bleu4", "judge", "rule"})
+"""Metrics on a 0–100 scale: their heatmaps share the fixed colour scale 0–100."""
 
-    Unevaluated cells (NaN, the upper triangle for ``eval.on: seen``) are left blank, as in the paper's figure.
-    """
+
+def is_percent_metric(metric: str | None) -> bool:
+    """Whether ``metric`` (e.g. ``pref_acc``) is on the 0–100 scale."""
+    return metric in PERCENT_METRICS
+
+
+def format_cell(value: float, percent: bool) -> str:
+    """A cell label: ``55.0`` for a 0–100 metric, 3 significant digits otherwise (``0.0123``, ``-1.5``, ``250``)."""
+    return f"{value:.1f}" if percent else f"{value:.3g}"
+
+
+def _metric_from_title(title: str) -> str:
+    """The report titles figures ``"<method> — <metric>"``; the metric is the last part."""
+    return title.rsplit(" — ", 1)[-1].strip()
+
+
+def score_matrix_figure(summary: Mapping[str, Any], title: str, metric: str | None = None) -> Figure:
+    """The heatmap of :func:`plot_score_matrix` as a ``Figure``; ``metric`` defaults to the end of ``title``."""
+    metric = _metric_from_title(title) if metric is None else metric
+    percent = is_percent_metric(metric)
     m = _matrix(summary)
     n = m.shape[0]
     tasks = _task_names(summary, n)
     fig = _new_figure(1.6 + 0.9 * max(n, 2), 1.2 + 0.7 * max(n, 2))
     ax = fig.add_subplot()
     finite = m[np.isfinite(m)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    image = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1)
+    if percent:
+        vmin, vmax = 0.0, 100.0
+    else:
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        vmax = vmax if vmax > vmin else vmin + 1.0
+    image = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=vmin, vmax=vmax)
     fig.colorbar(image, ax=ax, shrink=0.8)
     midpoint = (vmin + vmax) / 2
     for i in range(n):
         for j in range(n):
             if math.isfinite(m[i, j]):
                 color = "black" if m[i, j] > midpoint else "white"
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
+                ax.text(j, i, format_cell(m[i, j], percent), ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(n), tasks, rotation=30, ha="right")
     ax.set_yticks(range(n), [f"after {t}" for t in tasks])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("trained through task")
     ax.set_title(title)
-    return _save(fig, path)
+    return fig
 
 
-def plot_task_curves(summary: Mapping[str, Any], title: str, path: str | Path, ylabel: str = "score") -> Path:
-    """One line per task ``j``: its score ``m[i][j]`` after each training stage ``i`` where it was evaluated."""
+def plot_score_matrix(summary: Mapping[str, Any], title: str, path: str | Path, metric: str | None = None) -> Path:
+    """Heatmap of ``m[i][j]`` (row = after training task i, column = test task j), each cell annotated.
+
+    Unevaluated cells (NaN, the upper triangle for ``eval.on: seen``) are left blank, as in the paper's figure. A
+    0–100 ``metric`` (default: the end of ``title``, ``"<method> — <metric>"``) gets the fixed 0–100 colour scale.
+    """
+    return _save(score_matrix_figure(summary, title, metric), path)
+
+
+def task_curves_figure(summary: Mapping[str, Any], title: str, ylabel: str = "score") -> Figure:
+    """The curves of :func:`plot_task_curves` as a ``Figure``; the legend stands outside the axes, on the right."""
     m = _matrix(summary)
     n = m.shape[0]
     tasks = _task_names(summary, n)
-    fig = _new_figure(6.0, 3.8)
+    fig = _new_figure(6.0 + 0.12 * max((len(t) for t in tasks), default=0), 3.8)
     ax = fig.add_subplot()
     for j, task in enumerate(tasks):
         stages = [i for i in range(n) if math.isfinite(m[i, j])]
@@ -82,9 +134,14 @@ def plot_task_curves(summary: Mapping[str, Any], title: str, path: str | Path, y
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if n:
-        ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    if ax.get_lines():
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    return fig
+
+
+def plot_task_curves(summary: Mapping[str, Any], title: str, path: str | Path, ylabel: str = "score") -> Path:
+    """One line per task ``j``: its score ``m[i][j]`` after each training stage ``i`` where it was evaluated."""
+    return _save(task_curves_figure(summary, title, ylabel), path)
 
 
 def plot_bar(labels: Sequence[str], values: Sequence[float], title: str, path: str | Path, ylabel: str = "") -> Path:

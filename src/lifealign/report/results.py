@@ -21,6 +21,7 @@ from lifealign.utils.jsonio import atomic_write_text, nan_to_null, null_to_nan
 __all__ = [
     "SCORES_FILE",
     "Scores",
+    "ScoresFileError",
     "atomic_write_text",
     "collect_runs",
     "find_score_files",
@@ -34,13 +35,32 @@ Scores = dict[str, dict[str, dict[str, Any]]]
 """``{method: {metric: summary}}``."""
 
 
+class ScoresFileError(ValueError):
+    """A ``scores.json`` that cannot be used; the message names the file and the problem."""
+
+
+def _is_number_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _check_matrix(matrix: Any, where: str) -> None:
+    """A square list of rows of numbers or ``null``."""
+    if not isinstance(matrix, list) or not all(isinstance(row, list) for row in matrix):
+        raise ScoresFileError(f"{where}['matrix'] must be a list of rows")
+    for i, row in enumerate(matrix):
+        if len(row) != len(matrix):
+            raise ScoresFileError(f"{where}['matrix'] must be square; row {i} has {len(row)} of {len(matrix)} cells")
+        if not all(_is_number_or_null(v) for v in row):
+            raise ScoresFileError(f"{where}['matrix'] row {i} must hold numbers or null, got {row!r}")
+
+
 def _check_shape(scores: Mapping[str, Any], source: str) -> None:
     for method, metrics in scores.items():
         if not isinstance(metrics, Mapping):
-            raise ValueError(f"{source}: scores[{method!r}] must be an object of metrics")
+            raise ScoresFileError(f"{source}: scores[{method!r}] must be an object of metrics")
         for metric, summary in metrics.items():
             if not isinstance(summary, Mapping) or "matrix" not in summary:
-                raise ValueError(f"{source}: scores[{method!r}][{metric!r}] must be a summary with a 'matrix'")
+                raise ScoresFileError(f"{source}: scores[{method!r}][{metric!r}] must be a summary with a 'matrix'")
 
 
 def write_scores(run_dir: str | Path, scores: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Path:
@@ -51,16 +71,59 @@ def write_scores(run_dir: str | Path, scores: Mapping[str, Mapping[str, Mapping[
     return path
 
 
+def _load_json(path: Path) -> Any:
+    """The decoded file; a ``ScoresFileError`` naming the file for an empty, truncated, non-UTF-8 or invalid one."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ScoresFileError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if not text.strip():
+        raise ScoresFileError(f"{path}: the file is empty (the run may have been stopped while writing it)")
+    try:
+        return json.loads(text)  # lenient: also accepts NaN literals written by other tools
+    except json.JSONDecodeError as e:
+        if e.pos >= len(text.rstrip()) or _open_brackets(text) > 0:
+            raise ScoresFileError(
+                f"{path}: truncated JSON (the file ends at line {text.count(chr(10)) + 1} with "
+                f"{_open_brackets(text)} bracket(s) open; the run may have been stopped while writing it)"
+            ) from None
+        raise ScoresFileError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (col {e.colno})") from None
+    except RecursionError:
+        raise ScoresFileError(f"{path}: JSON nests too deeply") from None
+
+
+def _open_brackets(text: str) -> int:
+    """How many ``{`` / ``[`` (outside strings) are still open at the end of ``text``: > 0 means it was cut off."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+    return depth
+
+
 def read_scores(path: str | Path) -> Scores:
-    """Read a ``scores.json`` (file or the run directory holding it); ``null`` values come back as NaN."""
+    """Read a ``scores.json`` (file or the run directory holding it); ``null`` values come back as NaN.
+
+    A missing file is ``FileNotFoundError``; an unusable one (empty, truncated, invalid JSON, wrong shape) is a
+    ``ScoresFileError`` that names the file and the problem.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / SCORES_FILE
-    with path.open(encoding="utf-8") as f:
-        raw = json.load(f)  # lenient: also accepts NaN literals written by other tools
+    raw = _load_json(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object {{method: {{metric: summary}}}}")
+        raise ScoresFileError(f"{path}: expected a JSON object {{method: {{metric: summary}}}}")
     _check_shape(raw, str(path))
+    for method, metrics in raw.items():
+        for metric, summary in metrics.items():
+            _check_matrix(summary["matrix"], f"{path}: scores[{method!r}][{metric!r}]")
     return {method: {metric: null_to_nan(s) for metric, s in metrics.items()} for method, metrics in raw.items()}
 
 
