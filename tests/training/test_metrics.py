@@ -52,3 +52,60 @@ def test_tensorboard_mirror_writes_event_files(tmp_path):
     w.write({"global_step": 1, "task": "t", "stage": "pref", "loss": 0.5})
     w.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_tags_follow_trl_names():
+    from lifealign.training.metrics import tensorboard_scalars
+
+    step = {
+        "event": "step",
+        "method": "seqft",
+        "task": "t",
+        "task_index": 0,
+        "stage": "pref",
+        "step": 3,
+        "global_step": 7,
+        "learning_rate": 1e-4,
+        "grad_norm": 0.5,
+        "nonfinite_skipped": 0,
+        "loss": 0.69,
+        "loss/ewc": 0.01,
+        "rewards/chosen": 0.1,
+        "rewards/rejected": -0.1,
+        "rewards/margins": 0.2,
+        "rewards/accuracies": 1.0,
+        "logps/chosen": -10.0,
+        "logps/rejected": -12.0,
+        "flag": True,
+    }
+    assert dict(tensorboard_scalars(step)) == {
+        "train/learning_rate": 1e-4,
+        "train/grad_norm": 0.5,
+        "train/nonfinite_skipped": 0,
+        "train/loss": 0.69,
+        "train/loss/ewc": 0.01,
+        "train/rewards/chosen": 0.1,
+        "train/rewards/rejected": -0.1,
+        "train/rewards/margins": 0.2,
+        "train/rewards/accuracies": 1.0,
+        "train/logps/chosen": -10.0,
+        "train/logps/rejected": -12.0,
+    }
+    assert dict(tensorboard_scalars({"event": "eval", "global_step": 7, "pref_acc": 75.0, "drift": {"kl": 0.01}})) == {
+        "eval/pref_acc": 75.0,
+        "eval/drift/kl": 0.01,
+    }
+    assert tensorboard_scalars({"event": "eval", "scores": {"pref_acc": [50.0]}}) == []  # no step: not logged
+
+
+def test_tensorboard_event_file_holds_the_trl_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    w = MetricsWriter(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+    w.write({"event": "step", "global_step": 1, "task": "t", "stage": "pref", "loss": 0.5, "rewards/chosen": 0.1})
+    w.write({"event": "step", "global_step": 2, "task": "u", "stage": "sft", "loss": 0.4})
+    w.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train/loss", "train/rewards/chosen"]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.4)]

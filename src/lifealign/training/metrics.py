@@ -3,6 +3,15 @@
 Non-finite values are written as ``null`` and listed under ``"nonfinite"`` (RELIABILITY.md R5). The writer
 tracks its byte offset so a checkpoint can record it and a resumed run can truncate what came after the commit
 (no duplicated or partial lines). A failing sink (disk full) raises at the first write.
+
+TensorBoard (``train.tensorboard: true``) uses trl's tag names, so dashboards made for trl runs read ours:
+a training step's record becomes ``train/loss``, ``train/rewards/chosen``, ``train/rewards/rejected``,
+``train/rewards/margins``, ``train/rewards/accuracies``, ``train/logps/chosen``, ``train/logps/rejected``,
+``train/learning_rate``, ``train/grad_norm`` (and ``train/loss/<term>``, ``train/nonfinite_skipped``), with
+``global_step`` (counted across tasks and stages) as the x axis; an evaluation record's numbers go to
+``eval/<key>`` and any other event's to ``<event>/<key>``. Bookkeeping keys (``global_step``, the stage-local
+``step``, ``task_index``) and non-numbers are not logged. ``metrics.jsonl`` keeps its own keys unchanged
+(``loss``, ``rewards/chosen``, ... plus ``task``, ``stage``, ``method``, ``step``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,31 @@ def sanitize_record(record: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     if bad:
         out["nonfinite"] = bad
+    return out
+
+
+TRAIN_EVENTS = ("step", "nonfinite_skipped")
+"""Events that are optimizer steps: their scalars go under ``train/``."""
+NOT_LOGGED_TO_TENSORBOARD = frozenset({"global_step", "step", "task_index"})
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
+    """``[(tag, value), ...]`` of one metrics record in trl's naming (see the module docstring); empty without a
+    ``global_step``. Nested mappings are flattened with ``/``."""
+    if "global_step" not in record:
+        return []
+    event = record.get("event", "step")
+    prefix = "train" if event in TRAIN_EVENTS else "eval" if event == "eval" else str(event)
+    return [(f"{prefix}/{key}", value) for key, value in _numbers(record) if key not in NOT_LOGGED_TO_TENSORBOARD]
+
+
+def _numbers(record: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.extend(_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out.append((f"{prefix}{key}", value))
     return out
 
 
@@ -67,11 +101,9 @@ class MetricsWriter:
             self._fh.flush()
         except OSError as exc:
             raise OSError(exc.errno, f"cannot write metrics to {self.path}: {exc.strerror}") from exc
-        if self._tb is not None and "global_step" in record:
-            prefix = f"{record.get('task', '')}/{record.get('stage', '')}".strip("/")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "global_step":
-                    self._tb.add_scalar(f"{prefix}/{key}" if prefix else key, value, record["global_step"])
+        if self._tb is not None:
+            for tag, value in tensorboard_scalars(record):
+                self._tb.add_scalar(tag, value, record["global_step"])
 
     def close(self) -> None:
         if self._fh is not None:
