@@ -7,6 +7,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lifealign.cli.main import main
@@ -142,3 +143,88 @@ def test_eval_scores_a_saved_adapter_like_the_run_did(tmp_path, capsys):
     trained = json.loads((out / "scores.json").read_text())["seqft"]
     assert evaluated["arithmetic"]["pref_acc"] == trained["pref_acc"]["matrix"][0][0]
     assert abs(evaluated["arithmetic"]["margin"] - trained["margin"]["matrix"][0][0]) < 1e-5
+
+
+# ------------------------------------------------------------------------------------- a first hour without surprises
+
+
+def _one_task_config(tmp_path) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, n_tasks=1).model_dump(mode="json")))
+    return path
+
+
+def test_overrides_after_flags_reach_the_config_for_every_subcommand(tmp_path, capsys):
+    """`eval CONFIG --adapter DIR tasks.0.max_test=8` used to stop at argparse ("unrecognized arguments")."""
+    cfg = str(_one_task_config(tmp_path))
+    out = str(tmp_path / "out")
+    for argv in (
+        ["eval", cfg, "--adapter", str(tmp_path), "train.nope=1"],
+        ["train", cfg, "--out", out, "train.nope=1"],
+        ["run", cfg, "--no-report", "--out", out, "train.nope=1"],
+        ["unlearn", cfg, "--out", out, "train.nope=1"],
+        ["run", "--out", out, cfg, "train.batch_size=true", "--no-report", "train.batch_size=4", "train.nope=1"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "unknown key 'train.nope'" in err and "unrecognized" not in err, argv
+        assert "batch_size" not in err  # the later override of the same key wins
+    assert main(["eval", cfg, "--adapter", str(tmp_path), "tasks.5.max_test=8"]) == 2
+    assert "tasks.5 is out of range: tasks is a list of 1 item(s)" in capsys.readouterr().err
+
+
+def test_unknown_flags_and_stray_words_are_still_usage_errors(tmp_path, capsys):
+    cfg = str(_one_task_config(tmp_path))
+    for argv, stray in (
+        (["train", cfg, "--reume"], "--reume"),
+        (["report", str(tmp_path), "--out", "x", "y=1"], "y=1"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
+
+
+def test_version_prints_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lifealign {version('lifealign')}"
+
+
+def test_config_path_that_is_a_fifo_or_a_directory_is_named_as_such(tmp_path, capsys):
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    assert main(["train", str(fifo)]) == 2
+    assert f"config path {fifo} is not a regular file (a FIFO)" in capsys.readouterr().err
+    assert main(["train", str(tmp_path)]) == 2
+    assert f"config path {tmp_path} is a directory, not a YAML file" in capsys.readouterr().err
+
+
+def test_out_with_a_tilde_is_expanded(tmp_path, capsys, monkeypatch):
+    """`--out=~/x` reaches the program unexpanded (the shell expands ~ only at the start of a word)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "file").write_text("x")
+    assert main(["run", str(_one_task_config(tmp_path)), "--out=~/file/run"]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "file" / "run") in err and "~" not in err
+
+
+def test_eval_with_a_truncated_adapter_names_the_file(tmp_path, capsys):
+    from lifealign.config.schema import LoraSection
+    from lifealign.models.lora import attach_lora, save_adapter
+    from lifealign.models.tiny import tiny_model_and_tokenizer
+
+    adapter = save_adapter(attach_lora(tiny_model_and_tokenizer()[0], LoraSection()), tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cfg = str(_one_task_config(tmp_path))
+    assert main(["eval", cfg, "--adapter", str(adapter), "eval.drift=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} is not a valid safetensors file" in err and "truncated or corrupt" in err
+    assert "Traceback" not in err and "SafetensorError:" not in err
+    (adapter / "adapter_config.json").unlink()
+    assert main(["eval", cfg, "--adapter", str(adapter)]) == 2
+    assert f"adapter folder {adapter} has no adapter_config.json" in capsys.readouterr().err

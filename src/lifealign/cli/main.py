@@ -33,8 +33,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lifealign", description=__doc__)
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("lifealign")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    parser = argparse.ArgumentParser(
+        prog="lifealign",
+        description=__doc__,
+        epilog="Dotted overrides (key.path=value) may stand anywhere after the subcommand, before or after flags.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_args(sub.add_parser("run", help="learn a stream of tasks with one or more methods, scoring every task"))
     _add_run_args(sub.add_parser("train", help="train one preference task (DPO, IPO, FPO, ...) into a run folder"))
@@ -147,9 +158,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import re
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides after a flag (`eval CFG --adapter DIR tasks.0.max_test=8`) are left over by argparse, whose
+    # positionals are matched once; a left-over key.path=value joins the overrides, in command-line order.
+    args, extra = parser.parse_known_args(argv)
+    override = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")
+    unknown = [a for a in extra if not (hasattr(args, "overrides") and override.match(a))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    for name in ("out", "adapter"):  # `--out=~/runs/x` reaches us unexpanded (the shell expands ~ only at a word start)
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
