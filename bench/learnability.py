@@ -24,14 +24,22 @@ commits an atomic checkpoint (adapter, AdamW, scheduler, loop state) under ``ben
 re-running the same command restores it and continues bit-identically (no finished evaluation is redone; a
 re-reached evaluation point is checked against the stored adapter hash).
 
-    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 nohup .venv/bin/python bench/learnability.py \\
-        > bench/out/learnability.log 2>&1 &                      # the real probe (one torch thread)
+    # the library pinned to one commit (other work edits src/ meanwhile); once, before the first invocation:
+    C=8b4ea9b612e1272295b2a4f0657cdfa6bb334ea8; mkdir -p bench/out/learnability
+    git archive --prefix=lib/ $C src | tar -x -C bench/out/learnability && echo $C > bench/out/learnability/lib/COMMIT
+    # the real probe (one torch thread); re-run the same line to resume after any interruption:
+    PYTHONPATH=bench/out/learnability/lib/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \\
+        nohup .venv/bin/python bench/learnability.py >> bench/out/learnability.log 2>&1 &
     .venv/bin/python bench/learnability.py --report              # summary.md + learnability.png from the .json
-    .venv/bin/python bench/learnability.py --quick               # ~2-minute smoke run into bench/out/
+    .venv/bin/python bench/learnability.py --quick               # smoke run into bench/out/learnability-quick
 
-Measured on this machine (2 logical CPUs, AMD EPYC Zen 4, no AMX, one torch thread, bf16 autocast, max_length
-128): one training step of 4 pairs ≈ 3 s (≈ 0.6 s of it the reference forward) at load average < 1, one evaluation
-of 200 held-out pairs ≈ 33 s. See bench/results/learnability/summary.md for the real run's wall time.
+Measured before choosing the budget (2 logical CPUs, Intel Xeon with AMX, one torch thread, bf16 autocast,
+max_length 128, load average < 1): one training step of 4 pairs ≈ 3 s (≈ 0.6 s of it the reference forward; 2 s
+for TruthfulQA's short pairs), one evaluation of 200 held-out pairs ≈ 33 s (83 TruthfulQA pairs ≈ 11 s). The
+default T = 384 steps with 11 evaluation points (0, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384) is then ≈ 0.55
+CPU-hours per hh/safe task and ≈ 0.3 for TruthfulQA, ≈ 2 CPU-hours in all; on the shared machine (load average
+5–9 on 2 CPUs) wall time was ≈ 2.5× CPU time. `--quick` (4 steps, 8 held-out pairs per task) took 5 min wall
+(2 min CPU) at load average 4–9. The real run's recorded time is in bench/results/learnability/summary.md.
 """
 
 from __future__ import annotations
@@ -692,7 +700,7 @@ def main() -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="*", default=TASKS, choices=TASKS)
-    parser.add_argument("--steps", type=int, default=256, help="optimizer steps T of the one stage per task")
+    parser.add_argument("--steps", type=int, default=384, help="optimizer steps T of the one stage per task")
     parser.add_argument("--eval-every", type=int, default=None, help="evaluate every K steps (default: the ladder)")
     parser.add_argument("--held-out", type=int, default=200, help="held-out pairs per task (TruthfulQA: all 83)")
     parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run into bench/out/learnability-quick")
