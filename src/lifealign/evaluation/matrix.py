@@ -91,9 +91,10 @@ def batch_bwt(a: np.ndarray, convention: str = "lifealign") -> np.ndarray:
     """``Σ_{i<N-1} (m[N-1][i] − m[i][i])`` divided by ``N-1`` (``"lifealign"``) or ``N`` (``"n_tasks"``).
 
     ``"lifealign"``: LifeAlign's §Metrics and Lopez-Paz & Ranzato (GEM, 2017) average over the ``N-1`` tasks that can
-    have been forgotten. ``"n_tasks"``: several continual-instruction-tuning benchmarks (e.g. TRACE, Wang et al. 2023)
-    average ``m[N-1][i] − m[i][i]`` over all ``N`` tasks, so the last task contributes ``0`` and the value is
-    ``(N-1)/N`` times the LifeAlign one. NaN if ``N < 2`` under both (no task can have been forgotten yet).
+    have been forgotten. ``"n_tasks"``: several continual-instruction-tuning benchmarks (STATISTICS.md) average
+    ``m[N-1][i] − m[i][i]`` over all ``N`` tasks, so the last task contributes ``0`` and the value is ``(N-1)/N``
+    times the LifeAlign one; BeGin's average forgetting (Ko et al., graph continual learning) divides by ``N`` the
+    same way. NaN if ``N < 2`` under both (no task can have been forgotten yet).
     """
     check_convention("bwt", convention)
     n = a.shape[-1]
