@@ -3,6 +3,10 @@
 Rows are ``[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]`` (for the default sides), each
 ``prompt_ids + <side>_ids`` followed by padding. Masks come from the lengths, never from ``input_ids == pad_id``:
 the pad id may equal the EOS id, and the EOS ending a response must count (trl #1623).
+
+``collate`` is the one entry point for every layout: ``concat`` (these rows), ``shared`` (one ``prompt | chosen |
+rejected`` segment per pair) and ``packed`` (several segments per row), see ``lifealign.data.packing``. The batch
+records its ``layout`` and ``lifealign.training.forward.batch_logps`` dispatches on it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["collate_pairs"]
+from lifealign.data.packing import SEGMENT_LAYOUTS, collate_segments
+
+__all__ = ["LAYOUTS", "collate", "collate_pairs"]
+
+LAYOUTS = ("concat", *SEGMENT_LAYOUTS)
+"""``concat``: one row per (side, pair), the prompt repeated; ``shared``: one row per pair, the prompt once;
+``packed``: ``shared`` segments packed into rows of at most ``pack_tokens`` tokens."""
+
+
+def collate(
+    examples: Sequence[dict[str, Any]],
+    pad_id: int,
+    sides: Sequence[str] = ("chosen", "rejected"),
+    layout: str = "concat",
+    pack_tokens: int | None = None,
+) -> dict[str, Any]:
+    """A batch in ``layout`` (one of ``LAYOUTS``), with ``batch["layout"]`` set; ``pack_tokens`` is the row budget
+    of ``packed`` (``None``: all segments in one row). ``concat`` is ``collate_pairs`` unchanged."""
+    if layout == "concat":
+        return {**collate_pairs(examples, pad_id, sides=sides), "layout": "concat"}
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown batch layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    return collate_segments(examples, pad_id, sides=sides, layout=layout, pack_tokens=pack_tokens)
 
 
 def collate_pairs(

@@ -1,6 +1,7 @@
 """Forward passes that turn a collated batch into per-sequence log-probs, and the cached reference log-probs.
 
-The chosen and rejected rows of a batch go through the model in one forward (trl's concatenated forward); the
+The chosen and rejected rows of a batch go through the model in one forward (trl's concatenated forward), or, for
+a ``shared``/``packed`` batch, one segment per pair with the prompt once (``lifealign.training.packed``); the
 LM head projects only the positions that predict a response token, and the log-softmax and the sums run in fp32
 even under bf16 autocast (``label_logps``).
 """
@@ -12,21 +13,36 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.nn import DataParallel
-from torch.nn.parallel import DistributedDataParallel
 
-from lifealign.data.collate import collate_pairs
+from lifealign.data.collate import collate
 from lifealign.losses.logps import label_logps, sum_scored
 from lifealign.losses.spec import LossInputs
 from lifealign.models.lora import load_lora_state, lora_state, reference_context
+from lifealign.training.head import output_head, selected_logits
+from lifealign.training.packed import segment_logps
+
+__all__ = [
+    "adapter_swapped",
+    "batch_logps",
+    "compute_reference_logps",
+    "loss_inputs",
+    "output_head",
+    "reference_policy",
+    "scored_logits",
+]
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """``{"<side>_logps": (B,), "<side>_tokens": (B,)}`` for every side of a side-major batch.
+    """``{"<side>_logps": (B,), "<side>_tokens": (B,)}`` for every side of a batch, in pair order.
 
-    The LM head only projects the positions that predict a response token (``scored_logits``): prompt and padding
-    positions need no logits, and on a 49k vocabulary the head is a large part of the step.
+    Dispatches on ``batch["layout"]`` (``lifealign.data.collate.collate``): ``shared`` and ``packed`` batches go
+    through ``segment_logps``; a ``concat`` batch (or one without a layout, from ``collate_pairs``) is one forward
+    over its side-major rows. The LM head only projects the positions that predict a response token
+    (``scored_logits``): prompt and padding positions need no logits, and on a 49k vocabulary the head is a large
+    part of the step.
     """
+    if batch.get("layout", "concat") != "concat":
+        return segment_logps(model, batch)
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     scored = batch["completion_mask"].to(device)[:, 1:].bool()  # (N, T-1): position t-1 predicts response token t
@@ -41,14 +57,6 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torc
     return result
 
 
-def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The module that maps hidden states to logits (``get_output_embeddings``), looked up through DDP/peft."""
-    inner = model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
-    get = getattr(inner, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, torch.nn.Module) else None
-
-
 def scored_logits(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor
 ) -> torch.Tensor:
@@ -60,30 +68,14 @@ def scored_logits(
     are computed and the scored rows selected from them, which gives the same values.
     """
     keep = torch.nn.functional.pad(scored, (0, 1))  # (N, T): the last position predicts nothing
-    head = output_head(model)
-    handle = None
-    if head is not None:
-
-        def select_scored(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-            hidden = args[0] if args else None
-            if not isinstance(hidden, torch.Tensor) or hidden.shape[:2] != keep.shape:
-                return None
-            return (hidden[keep], *args[1:])
-
-        handle = head.register_forward_pre_hook(select_scored)
-    try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    n_scored = int(keep.sum())
-    if logits.dim() == 2 and logits.shape[0] == n_scored:
-        return logits
-    if logits.dim() == 3 and logits.shape[:2] == keep.shape:
-        return logits[keep]
-    raise RuntimeError(
-        f"the model returned logits of shape {tuple(logits.shape)} for {tuple(keep.shape)} input ids with "
-        f"{n_scored} scored positions: expected ({n_scored}, vocab) or (*input shape, vocab)"
+    return selected_logits(
+        model,
+        lambda hidden: hidden[keep],
+        keep.shape,
+        int(keep.sum()),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        full=lambda logits: logits[keep],
     )
 
 
@@ -130,8 +122,11 @@ def compute_reference_logps(
     reference: Callable[[], contextlib.AbstractContextManager],
     batch_size: int = 8,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    layout: str = "concat",
+    pack_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Reference log-probs for every example, ``(n, len(sides))`` in dataset-index order (fp32)."""
+    """Reference log-probs for every example, ``(n, len(sides))`` in dataset-index order (fp32); batches of
+    ``batch_size`` examples collated in ``layout`` (``collate``)."""
     was_training = model.training
     model.eval()
     out = torch.zeros(len(examples), len(sides), dtype=torch.float32)
@@ -139,7 +134,7 @@ def compute_reference_logps(
         with reference():
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
-                batch = collate_pairs(chunk, pad_id, sides=sides)
+                batch = collate(chunk, pad_id, sides=sides, layout=layout, pack_tokens=pack_tokens)
                 with autocast():
                     logps = batch_logps(model, batch)
                 idx = torch.tensor([ex["index"] for ex in chunk])
