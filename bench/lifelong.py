@@ -26,7 +26,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lifealign.config.load import load_config
-    from lifealign.pipeline import run_experiment
+    from lifealign.engine.experiment import run_experiment
     from lifealign.report.markdown import SCORE_METRICS, summary_table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -46,7 +46,7 @@ def main() -> int:
     import torch
 
     from lifealign.config.load import load_config
-    from lifealign.unlearning.u2a import run_unlearning
+    from lifealign.engine.unlearn import run_unlearning
 
     torch.set_num_threads(args.threads)
     os.chdir(REPO)  # the config's data paths are relative to the repository root

@@ -128,7 +128,7 @@ def main() -> int:
     from lifealign.models.load import load_model_and_tokenizer
     from lifealign.models.lora import attach_lora, lora_parameters, reference_context
     from lifealign.training.forward import compute_reference_logps
-    from lifealign.unlearning.config import forget_loss
+    from lifealign.unlearning.objectives import forget_loss
     from lifealign.unlearning.influence import fast_scores, naive_scores, preference_gradient
 
     torch.manual_seed(0)

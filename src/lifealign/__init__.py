@@ -1,7 +1,13 @@
 """lifealign: keep a language model aligned while its preferences change over time.
 
-Layers (data flows one way): ``config`` → ``data`` + ``models`` → ``training`` (+ ``continual`` plugins,
-``unlearning``) → ``evaluation`` → ``report``; ``pipeline`` runs the whole job and ``cli`` parses arguments.
+Layers (docs/ARCHITECTURE.md; imports point down only): ``config`` → ``data`` + ``models`` → ``losses`` →
+``training`` → ``evaluation`` → ``continual`` plugins and ``unlearning`` → ``report``; ``engine`` runs the job (one
+``Run`` per method: phases, commits, resume) and ``cli`` parses arguments.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("lifealign")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "unknown"

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lifealign.config.schema import LossTerm
+from lifealign.continual import bind_plugin
 from lifealign.continual.cppo import CPPOPlugin, cppo_weights, knowledge_retention
 from lifealign.data.collate import collate_pairs
 from lifealign.data.records import PreferencePair, Task
@@ -69,8 +70,8 @@ def test_knowledge_retention_by_hand():
     [({"snapshot": "step"}, "snapshot"), ({"kr_coef": -1}, "kr_coef"), ({"alpha_bounds": [2.0, 0.5]}, "alpha_bounds")],
 )
 def test_bad_kwargs_name_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=key):
-        CPPOPlugin(**kwargs)
+    with pytest.raises(ValueError, match=rf"^plugin\.{key}\b"):
+        bind_plugin({"name": "cppo", **kwargs})
 
 
 # ----- the plugin on the tiny model ------------------------------------------------------------------------------
@@ -90,8 +91,8 @@ def test_extra_term_makes_the_total_the_authors_weighted_loss(tiny_lora_model, t
         tokenizer=tokenizer,
         task=Task(name="t", train=PAIRS, test=[]),
         task_index=1,
-        config=cfg,
-        extras={"loss": loss},
+        loss=loss,
+        data=cfg.data,
     )
     _perturb(model, seed=1)
     plugin = CPPOPlugin(kr_coef=0.1, std_mult=0.5)
@@ -140,7 +141,6 @@ def test_snapshot_is_refreshed_per_task_or_taken_once(tiny_lora_model, tmp_path,
                 tokenizer=tokenizer,
                 task=Task(name="t", train=[], test=[]),
                 task_index=i,
-                config=tiny_config(tmp_path),
             )
         )
         if i == 0:
@@ -160,7 +160,6 @@ def test_state_round_trip_restores_the_snapshot(tiny_lora_model, tmp_path):
             tokenizer=tokenizer,
             task=Task(name="t", train=[], test=[]),
             task_index=0,
-            config=tiny_config(tmp_path),
         )
     )
     state = plugin.state_dict()
@@ -177,7 +176,7 @@ def test_state_round_trip_restores_the_snapshot(tiny_lora_model, tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_reweights_and_retains_on_the_second_task(tmp_path):
-    from lifealign.pipeline import run_experiment
+    from lifealign.engine.experiment import run_experiment
     from lifealign.training.checkpoint import Checkpointer
     from lifealign.training.metrics import read_metrics
 
@@ -199,6 +198,9 @@ def test_end_to_end_reweights_and_retains_on_the_second_task(tmp_path):
     restored = CPPOPlugin(kr_coef=10.0)
     tensors = ckpt.tensors("plugins")
     restored.load_state_dict(
-        {"tensors": {k[2:]: v for k, v in tensors.items() if k.startswith("0.")}, "meta": ckpt.state["plugins"][0]}
+        {
+            "tensors": {k[2:]: v for k, v in tensors.items() if k.startswith("0.")},
+            "meta": ckpt.state["parts"]["plugins"][0],
+        }
     )
     assert restored.snapshot_task == 1 and restored.old_state

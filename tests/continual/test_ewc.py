@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lifealign.config.schema import LossTerm
+from lifealign.continual import bind_plugin
 from lifealign.continual.ewc import EWCPlugin, accumulate_fisher, diagonal_fisher, ewc_penalty
 from lifealign.data.collate import collate_pairs
 from lifealign.data.records import PreferencePair, Task
@@ -33,8 +34,8 @@ def _ctx(model, tokenizer, tmp_path, task_index=0, stage="pref"):
         task=task,
         task_index=task_index,
         stage=stage,
-        config=cfg,
-        extras={"loss": loss},
+        loss=loss,
+        data=cfg.data,
     )
 
 
@@ -80,16 +81,16 @@ def test_fisher_accumulation_modes(mode, expected):
     ],
 )
 def test_bad_kwargs_name_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=key):
-        EWCPlugin(**kwargs)
+    with pytest.raises(ValueError, match=rf"^plugin\.{key}\b"):
+        bind_plugin({"name": "ewc", **kwargs})
 
 
 # ----- the plugin on the tiny model ------------------------------------------------------------------------------
 
 
-def _dpo_losses_oracle(model, tokenizer, cfg, pairs, beta=0.1):
+def _dpo_losses_oracle(model, tokenizer, data, pairs, beta=0.1):
     """Per-pair DPO losses from scratch: summed response log-probs, base reference with the adapter disabled."""
-    examples = tokenize_pairs(pairs, tokenizer, cfg.data).examples
+    examples = tokenize_pairs(pairs, tokenizer, data).examples
     out = []
     for ex in examples:
         batch = collate_pairs([ex], tokenizer.pad_token_id)
@@ -106,11 +107,11 @@ def test_fisher_matches_per_example_squared_gradients(tiny_lora_model, tmp_path)
     perturb_lora_b(model)
     ctx = _ctx(model, tokenizer, tmp_path)
     plugin = EWCPlugin(n_samples=len(PAIRS), batch_size=1)
-    fisher = plugin.task_fisher(ctx, PAIRS, ctx.extras["loss"])
+    fisher = plugin.task_fisher(ctx, PAIRS)
     params = lora_parameters(model)
     expected = {k: torch.zeros_like(p) for k, p in params.items()}
     model.eval()
-    losses = _dpo_losses_oracle(model, tokenizer, ctx.config, PAIRS)
+    losses = _dpo_losses_oracle(model, tokenizer, ctx.data, PAIRS)
     for loss in losses:
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (k, _), g in zip(params.items(), grads):
@@ -152,7 +153,7 @@ def test_second_task_sums_fishers_and_moves_the_anchor(tiny_lora_model, tmp_path
     perturb_lora_b(model, seed=2)
     ctx1 = _ctx(model, tokenizer, tmp_path, task_index=1)
     plugin.after_task(ctx1)
-    second = plugin.task_fisher(ctx1, plugin_records(plugin, ctx1), ctx1.extras["loss"])
+    second = plugin.task_fisher(ctx1, plugin_records(plugin, ctx1))
     for k in first:
         assert torch.allclose(plugin.fisher[k], first[k] + second[k], rtol=1e-5, atol=1e-12)
         assert torch.equal(plugin.anchor[k], lora_state(model)[k].float())
@@ -161,7 +162,7 @@ def test_second_task_sums_fishers_and_moves_the_anchor(tiny_lora_model, tmp_path
 
 
 def plugin_records(plugin, ctx):
-    from lifealign.continual.ewc import sample_records
+    from lifealign.training.stored import sample_records
 
     return sample_records(ctx.task.train, plugin.n_samples, f"{plugin.seed}:{ctx.task_index}")
 
@@ -185,7 +186,7 @@ def test_state_round_trip_restores_the_same_penalty(tiny_lora_model, tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_penalty_grows_on_the_second_task_and_state_resumes(tmp_path):
-    from lifealign.pipeline import run_experiment
+    from lifealign.engine.experiment import run_experiment
     from lifealign.training.checkpoint import Checkpointer
     from lifealign.training.metrics import read_metrics
 
@@ -209,9 +210,9 @@ def test_end_to_end_penalty_grows_on_the_second_task_and_state_resumes(tmp_path)
     restored.load_state_dict(
         {
             "tensors": {k[2:]: v for k, v in plugin_tensors.items() if k.startswith("0.")},
-            "meta": ckpt.state["plugins"][0],
+            "meta": ckpt.state["parts"]["plugins"][0],
         }
     )
     info = json.loads((run_dir / "run_info.json").read_text())["memory"]["ewc"]
     assert restored.tasks == [0, 1]
-    assert restored.memory_report()["fisher"]["sum"] == pytest.approx(info["fisher"]["sum"], rel=1e-6)
+    assert restored.report()["fisher"]["sum"] == pytest.approx(info["fisher"]["sum"], rel=1e-6)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lifealign.config.schema import LossTerm
+from lifealign.continual import bind_plugin
 from lifealign.continual.gem import (
     AGEMPlugin,
     GEMPlugin,
@@ -36,8 +37,8 @@ def _ctx(model, tokenizer, tmp_path, task_index=0, stage="pref"):
         task=Task(name=f"t{task_index}", train=PAIRS, test=[]),
         task_index=task_index,
         stage=stage,
-        config=tiny_config(tmp_path),
-        extras={"loss": loss},
+        loss=loss,
+        data=tiny_config(tmp_path).data,
     )
 
 
@@ -132,8 +133,8 @@ def test_flat_gradient_round_trip_fills_missing_gradients():
     ],
 )
 def test_bad_kwargs_name_the_key(cls, kwargs, key):
-    with pytest.raises(ValueError, match=key):
-        cls(**kwargs)
+    with pytest.raises(ValueError, match=rf"^plugin\.{key}\b"):
+        bind_plugin({"name": cls.name, **kwargs})
 
 
 # ----- the plugins on the tiny model -----------------------------------------------------------------------------
@@ -141,8 +142,7 @@ def test_bad_kwargs_name_the_key(cls, kwargs, key):
 
 def _memory_gradient(plugin, ctx):
     params = [p for p in ctx.model.parameters() if p.requires_grad]
-    examples, ref = plugin._prepared_task(ctx, 0)
-    g = plugin._memory_gradient(ctx, params, examples, ref)
+    g = plugin._memory_gradient(ctx, params, plugin._prepared_task(ctx, 0))
     for p in params:
         p.grad = None
     return params, g
@@ -213,7 +213,7 @@ def test_state_round_trip_restores_memory_and_step_count(tiny_lora_model, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gem", "agem"])
 def test_end_to_end_projects_on_the_second_task_and_resumes(tmp_path, name):
-    from lifealign.pipeline import run_experiment
+    from lifealign.engine.experiment import run_experiment
     from lifealign.training.checkpoint import Checkpointer
 
     tasks = synthetic_tasks(2, max_train=6, max_test=4)
@@ -230,8 +230,8 @@ def test_end_to_end_projects_on_the_second_task_and_resumes(tmp_path, name):
     assert info["tasks"] == {"0": 4, "1": 4} and info["steps"] == 4
     ckpt = Checkpointer(run_dir / "checkpoints").latest()
     restored = (GEMPlugin if name == "gem" else AGEMPlugin)(memory_per_task=4)
-    restored.load_state_dict({"tensors": {}, "meta": ckpt.state["plugins"][0]})
+    restored.load_state_dict({"tensors": {}, "meta": ckpt.state["parts"]["plugins"][0]})
     keys = ("tasks", "steps", "projected_steps")
-    assert {k: restored.memory_report()[k] for k in keys} == {k: info[k] for k in keys}
+    assert {k: restored.report()[k] for k in keys} == {k: info[k] for k in keys}
     assert len(info["last"]["dots_after"]) == 1  # the last step of task 1 saw task 0's memory
     assert min(info["last"]["dots_after"]) >= -1e-6 * max(1.0, abs(min(info["last"]["dots_before"])))

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from lifealign.continual import bind_plugin
 from lifealign.continual.l2p import (
     L2PPlugin,
     generation_header,
@@ -27,7 +28,7 @@ def _ctx(model, tokenizer, tmp_path, task_index=0):
         tokenizer=tokenizer,
         task=Task(name="t", train=[], test=[]),
         task_index=task_index,
-        config=tiny_config(tmp_path),
+        data=tiny_config(tmp_path).data,
     )
 
 
@@ -82,8 +83,8 @@ def test_generation_header_of_the_tiny_chat_template(tiny_model_and_tokenizer):
     ],
 )
 def test_bad_kwargs_name_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=key):
-        L2PPlugin(**kwargs)
+    with pytest.raises(ValueError, match=rf"^plugin\.{key}\b"):
+        bind_plugin({"name": "l2p", **kwargs})
 
 
 # ----- the plugin on the tiny model ------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def _manual_logits(model, plugin, ids, mask):
     indices, _ = select_prompts(prompt_query(embeds, mask, end), plugin.pool.key_matrix(), plugin.top_k)
     prefix = plugin.pool.prompts[indices].reshape(ids.shape[0], plugin.prefix_length, -1)
     full_mask = torch.cat([torch.ones(ids.shape[0], plugin.prefix_length, dtype=mask.dtype), mask], dim=1)
-    plugin.detach()
+    plugin.close()
     try:
         logits = model(inputs_embeds=torch.cat([prefix, embeds], dim=1), attention_mask=full_mask).logits
     finally:
@@ -125,7 +126,7 @@ def test_hooks_prepend_selected_prompts_and_keep_the_callers_length(tiny_lora_mo
     assert not torch.allclose(logits, base, atol=1e-3)
     assert torch.equal(reference, base)  # adapters disabled: no prompt, the base model
     assert indices[0].tolist() == indices[1].tolist()  # the pair shares its prompt, so its selection
-    plugin.detach()
+    plugin.close()
 
 
 def test_generation_matches_a_manual_no_cache_forward(tiny_lora_model, tmp_path):
@@ -149,7 +150,7 @@ def test_generation_matches_a_manual_no_cache_forward(tiny_lora_model, tmp_path)
             # the query is the prompt (up to the header) whatever has been generated after it
             manual, _ = _manual_logits(model, plugin, prefix, torch.ones_like(prefix))
             assert torch.allclose(step_logits, manual[:, -1], atol=1e-5), step
-    plugin.detach()
+    plugin.close()
 
 
 def test_pool_is_in_the_optimizer_set_and_lora_gradients_are_dropped(tiny_lora_model, tmp_path):
@@ -170,7 +171,7 @@ def test_pool_is_in_the_optimizer_set_and_lora_gradients_are_dropped(tiny_lora_m
     plugin.after_backward(ctx)
     assert all(p.grad is None for p in lora_parameters(model).values())
     assert int(plugin.counts.sum()) == 2  # one row, top-2
-    plugin.detach()
+    plugin.close()
     assert not hasattr(model.get_base_model(), "l2p_pool")
 
 
@@ -190,7 +191,7 @@ def test_resume_restores_the_pool_and_reattaches_on_the_first_forward(tiny_lora_
         expected = model(input_ids=ids).logits
     state = plugin.state_dict()
     json.dumps(state["meta"])
-    plugin.detach()
+    plugin.close()
 
     fresh, _ = tiny_model_and_tokenizer(seed=0)
     fresh = attach_lora(fresh, LoraSection()).eval()
@@ -199,7 +200,7 @@ def test_resume_restores_the_pool_and_reattaches_on_the_first_forward(tiny_lora_
     with torch.no_grad():
         assert torch.allclose(fresh(input_ids=ids).logits, expected, atol=1e-6)  # attached lazily
     assert torch.equal(restored.pool.prompts.detach(), state["tensors"]["prompts"])
-    restored.detach()
+    restored.close()
     with pytest.raises(ValueError, match="pool_size"):
         L2PPlugin(pool_size=5).load_state_dict(state)
 
@@ -207,7 +208,7 @@ def test_resume_restores_the_pool_and_reattaches_on_the_first_forward(tiny_lora_
 @pytest.mark.slow
 def test_end_to_end_interrupted_mid_stage_resumes_to_the_same_pool(tmp_path, monkeypatch):
     import lifealign.training.loop as loop_module
-    from lifealign.pipeline import run_experiment
+    from lifealign.engine.experiment import run_experiment
     from lifealign.training.checkpoint import Checkpointer
 
     tasks = synthetic_tasks(2, max_train=6, max_test=4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.modules.module as torch_module
 
+from lifealign.continual import bind_plugin
 from lifealign.continual.olora import OLoRAPlugin, fold_factors, l2_penalty, orthogonality_penalty
 from lifealign.data.records import Task
 from lifealign.models.lora import load_lora_state, lora_modules, lora_state, reference_context
@@ -19,7 +20,7 @@ def _ctx(model, tokenizer, tmp_path, task_index=0, n_tasks=2):
         tokenizer=tokenizer,
         task=Task(name=f"t{task_index}", train=[], test=[]),
         task_index=task_index,
-        config=tiny_config(tmp_path, n_tasks=n_tasks),
+        n_tasks=n_tasks,
     )
 
 
@@ -72,10 +73,10 @@ def test_folded_factors_reproduce_the_summed_updates():
 
 
 def test_bad_kwargs_name_the_key():
-    with pytest.raises(ValueError, match="orth_norm"):
-        OLoRAPlugin(orth_norm="fro")
-    with pytest.raises(ValueError, match="lam_orth"):
-        OLoRAPlugin(lam_orth=-1)
+    with pytest.raises(ValueError, match=r"^plugin\.orth_norm: must be one of \['squared', 'abs'\]"):
+        bind_plugin({"name": "olora", "orth_norm": "fro"})
+    with pytest.raises(ValueError, match=r"^plugin\.lam_orth: must be in \[0, inf\]"):
+        bind_plugin({"name": "olora", "lam_orth": -1})
 
 
 # ----- the plugin on the tiny model ------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def test_fold_keeps_the_function_resets_the_adapter_and_keeps_the_base_reference
     delta = plugin.merged_deltas(model)
     key = next(iter(old))
     assert torch.allclose(delta[key], 2.0 * old[key][1] @ old[key][0], atol=1e-6)  # alpha/r = 16/8
-    plugin.detach()
+    plugin.close()
     assert not torch.allclose(_logits(model, ids), before, atol=1e-3)
 
 
@@ -149,7 +150,7 @@ def test_resume_reattaches_the_frozen_update_on_the_first_forward(tiny_lora_mode
     expected = _logits(model, ids)
     state, adapter = plugin.state_dict(), lora_state(model)
     json.dumps(state["meta"])
-    plugin.detach()
+    plugin.close()
 
     fresh, _ = tiny_model_and_tokenizer(seed=0)
     fresh = attach_lora(fresh, LoraSection())
@@ -161,15 +162,15 @@ def test_resume_reattaches_the_frozen_update_on_the_first_forward(tiny_lora_mode
     assert torch.allclose(_logits(fresh, ids), expected, atol=1e-5)  # no plugin hook ran: lazy attachment
     assert len(torch_module._global_forward_pre_hooks) == hooks_before
     assert restored.folded == [0]
-    restored.detach()
+    restored.close()
 
 
 @pytest.mark.slow
 def test_end_to_end_interrupted_before_evaluation_resumes_to_the_same_scores(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import lifealign.continual.runner as runner_module
-    from lifealign.pipeline import run_experiment
+    import lifealign.engine.run as runner_module
+    from lifealign.engine.experiment import run_experiment
 
     tasks = synthetic_tasks(2, max_train=6, max_test=4)
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from lifealign.continual import bind_plugin
 from lifealign.continual.buffers import FIFOBuffer, record_from_json, record_to_json
 from lifealign.continual.replay import ReplayPlugin, mix_with_buffer
 from lifealign.data.records import PreferencePair, Task
@@ -150,8 +151,8 @@ def test_buffer_rejects_bad_settings_naming_the_key(kwargs, key):
     ],
 )
 def test_plugin_rejects_bad_kwargs_naming_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=f"^{key}:"):
-        ReplayPlugin(**kwargs)
+    with pytest.raises(ValueError, match=rf"^plugin\.{key}\b"):
+        bind_plugin({"name": "replay", **kwargs})
 
 
 def run_task(plugin: ReplayPlugin, task: Task, index: int, sft: list[PreferencePair] | None = None):
@@ -171,12 +172,11 @@ def test_first_task_is_unchanged_and_after_task_fills_both_buffers():
     task = Task("a", pairs("a", 10))
     out, ctx = run_task(plugin, task, 0, sft=task.train[:5])
     assert out["pref"] == task.train and out["sft"] == task.train[:5]
-    report = plugin.memory_report()
+    report = plugin.report()
     # pref: 20% of 10 = 2; sft trained on 5 records → max(1, floor(1.0)) = 1, drawn from those 5.
     assert report["pref"]["size"] == 2 and report["sft"]["size"] == 1
     assert report["pref"]["per_task"] == [{"task_index": 0, "task": "a", "records": 2}]
     assert set(ids(plugin.buffers["sft"].records)) <= set(ids(task.train[:5]))
-    assert ctx.extras["replay"]["buffers"] == report
 
 
 def test_stage_buffers_are_separate_and_unconfigured_stages_pass_through():
@@ -232,7 +232,12 @@ def test_duplicates_of_current_records_are_dropped_from_the_replay():
     )
     out, ctx = run_task(plugin, repeat, 1)
     assert sorted(ids(out["pref"])) == sorted(ids(repeat.train))
-    assert ctx.extras["replay"]["pref"] == {"current": 10, "replayed": 0, "duplicates_dropped": 2}
+    assert plugin.report()["pref"]["last_mix"] == {
+        "task_index": 1,
+        "current": 10,
+        "replayed": 0,
+        "duplicates_dropped": 2,
+    }
     mixed, dropped = mix_with_buffer(pairs("x", 2), pairs("x", 3), random.Random(0))
     assert dropped == 2 and sorted(ids(mixed)) == ["x-0", "x-1", "x-2"]
 
@@ -241,7 +246,7 @@ def test_capacity_is_respected_across_a_stream():
     plugin = ReplayPlugin(buffer_size=5, stages=["pref"])
     for i in range(4):
         run_task(plugin, Task(f"t{i}", pairs(f"t{i}", 10)), i)
-    report = plugin.memory_report()["pref"]
+    report = plugin.report()["pref"]
     assert report["size"] == 5 and report["capacity"] == 5
     # 2 records per task, oldest leave first: t0 gone, t1 keeps one, t2 and t3 keep two.
     assert [t["records"] for t in report["per_task"]] == [0, 1, 2, 2]
@@ -263,7 +268,7 @@ def test_plugin_state_round_trip_mid_task_gives_the_same_buffers():
         ctx.stage = "pref"
         plugin.train_data(ctx, list(b.train))
         plugin.after_task(ctx)
-    assert original.memory_report() == restored.memory_report()
+    assert original.report() == restored.report()
     for stage in ("sft", "pref"):
         assert original.buffers[stage].records == restored.buffers[stage].records
     with pytest.raises(ValueError, match="replay stages"):

@@ -11,6 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from lifealign.continual import bind_plugin
 from lifealign.continual.slmc import (
     SLMCPlugin,
     consolidate_update,
@@ -183,8 +184,8 @@ def test_refactorise_above_rank_keeps_the_best_rank_r_part():
     ],
 )
 def test_plugin_rejects_bad_kwargs_naming_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=f"^{key}:"):
-        SLMCPlugin(**kwargs)
+    with pytest.raises(ValueError, match=rf"^plugin\.{key}\b"):
+        bind_plugin({"name": "slmc", **kwargs})
 
 
 def run_stage(plugin: SLMCPlugin, model, index: int, seed: int, stage: str = "pref") -> dict[str, torch.Tensor]:
@@ -262,15 +263,15 @@ def test_unconfigured_stage_is_untouched_and_configured_stages_share_one_history
     assert all(m["history_rank"] == 1 for m in both.reports[1]["matrices"].values())
 
 
-def test_memory_report_counts_history_bytes(tiny_lora_model):
+def test_report_counts_history_bytes(tiny_lora_model):
     """Tiny model, r = 8, 2 layers: q_proj A 8×64 + B 64×8, v_proj A 8×64 + B 32×8 → 1792 floats per layer,
     3584 float32 = 14336 bytes per consolidation; 8 matrices per report."""
     model, _ = tiny_lora_model
     plugin = SLMCPlugin()
     run_stage(plugin, model, 0, seed=1)
-    assert plugin.memory_report()["history_bytes"] == 14336
+    assert plugin.report()["history_bytes"] == 14336
     run_stage(plugin, model, 1, seed=2)
-    report = plugin.memory_report()
+    report = plugin.report()
     assert report["history_bytes"] == 2 * 14336 and report["consolidations"] == 2 and report["history_length"] == 2
     assert len(report["reports"][1]["matrices"]) == 8
     assert report["reports"][1]["task_index"] == 1 and report["reports"][1]["stage"] == "pref"

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lifealign.continual import METHODS
-from lifealign.pipeline import run_experiment
+from lifealign.engine.experiment import run_experiment
 from lifealign.training.metrics import read_metrics
 from lifealign.training.plugin import Plugin
 from tests.helpers import tiny_config

@@ -103,7 +103,7 @@ def test_two_process_stream_matches_one_process(tmp_path):
 def test_lora_under_ddp_does_not_search_for_unused_parameters(tmp_path):
     """Every LoRA weight gets a gradient each step, so DDP's unused-parameter search (trl turns it on with gradient
     checkpointing) would only cost a graph traversal per step and break with reentrant checkpointing."""
-    from lifealign.pipeline import make_accelerator
+    from lifealign.engine.experiment import make_accelerator
 
     accelerator = make_accelerator(tiny_config(tmp_path))
     assert accelerator.ddp_handler is not None and accelerator.ddp_handler.find_unused_parameters is False

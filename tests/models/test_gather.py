@@ -80,7 +80,7 @@ def ctx_for(model: nn.Module, index: int, n_tasks: int = 3) -> PluginContext:
         task=Task(f"t{index}", []),
         task_index=index,
         stage="pref",
-        config=SimpleNamespace(tasks=list(range(n_tasks))),
+        n_tasks=n_tasks,
     )
 
 

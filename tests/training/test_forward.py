@@ -5,8 +5,8 @@ import torch
 
 from lifealign.config import config_from_dict
 from lifealign.data.collate import collate_pairs
+from lifealign.engine.experiment import load_base_with_adapter
 from lifealign.losses.logps import sequence_logps
-from lifealign.pipeline import load_base_with_adapter
 from lifealign.training.forward import batch_logps, output_head
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from lifealign.engine.experiment import load_base_with_adapter, run_experiment
 from lifealign.models.lora import lora_state
-from lifealign.pipeline import load_base_with_adapter, run_experiment
 from lifealign.training.loop import NonFiniteLossError, micro_batch_indices, total_steps
 from lifealign.training.metrics import read_metrics
 from lifealign.training.plugin import Plugin
@@ -194,10 +194,11 @@ class _StopAtStep(Plugin):
 
 
 def _run_stage(tmp_path, plugin, max_steps=4):
+    from lifealign.data.sources import load_stream
     from lifealign.data.tokenize import tokenize_pairs
+    from lifealign.engine.experiment import make_accelerator
     from lifealign.losses import bind_losses
-    from lifealign.pipeline import load_stream, make_accelerator
-    from lifealign.training.loop import LoopServices, StagePlan, train_task
+    from lifealign.training.loop import StageContext, StagePlan, train_task
     from lifealign.training.plugin import PluginContext
 
     cfg = tiny_config(tmp_path, n_tasks=1)
@@ -207,12 +208,21 @@ def _run_stage(tmp_path, plugin, max_steps=4):
     examples = tokenize_pairs(task.train, tokenizer, cfg.data).examples
     loss = bind_losses(cfg.method.loss)
     records = []
-    services = LoopServices(
-        make_accelerator(cfg), tokenizer, cfg.train, [plugin], records.append, lambda *args: None, method_name="m"
+    stage = StageContext(
+        model=model,
+        tokenizer=tokenizer,
+        accelerator=make_accelerator(cfg),
+        train=cfg.train,
+        data=cfg.data,
+        loss=loss,
+        plugins=[plugin],
+        metrics=records.append,
+        commit=lambda loop: None,
+        method_name="m",
     )
     ctx = PluginContext(model=model, tokenizer=tokenizer, task=task, task_index=0)
     plan = StagePlan(0, task, "pref", loss, lr=1e-2, epochs=1.0, max_steps=max_steps)
-    return train_task(model, examples, plan, services, ctx), lora_state(model), records
+    return train_task(model, examples, plan, stage, ctx), lora_state(model), records
 
 
 def test_a_stop_request_ends_the_stage_before_that_steps_update(tmp_path):

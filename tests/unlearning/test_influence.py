@@ -13,7 +13,6 @@ from lifealign.data.collate import collate_pairs
 from lifealign.data.synthetic import make_synthetic_task
 from lifealign.models.lora import lora_parameters, reference_context
 from lifealign.training.forward import batch_logps, compute_reference_logps
-from lifealign.unlearning.config import forget_loss
 from lifealign.unlearning.influence import (
     conjugate_gradient,
     direction_dot,
@@ -28,6 +27,7 @@ from lifealign.unlearning.influence import (
     unflatten_direction,
     unlearn_hvp,
 )
+from lifealign.unlearning.objectives import forget_loss
 
 PAIR = ("chosen", "rejected")
 FORGET = ("rejected",)

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lifealign.config import RunConfig, config_from_dict, load_config
-from lifealign.config.unlearn import BASELINE_NAMES, UnlearnSection
-from lifealign.unlearning.baselines import BASELINES
-from lifealign.unlearning.config import OBJECTIVES, forget_loss, steps_per_solve
+from lifealign.config import ConfigError, RunConfig, config_from_dict
+from lifealign.config.unlearn import UnlearnSection
+from lifealign.engine.specs import bind_config, load_run_config
+from lifealign.losses import unlearning_objectives
+from lifealign.unlearning.baselines import baseline_names
+from lifealign.unlearning.objectives import forget_loss, steps_per_solve, uses_retain
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,8 +31,10 @@ def test_unknown_and_invalid_keys_are_errors_naming_the_path():
         config_from_dict({"unlearn": {"weights_lrr": 1.0}})
     with pytest.raises(ValidationError, match="baselines"):
         UnlearnSection(baselines=["ga", "ga"])
-    with pytest.raises(ValidationError):
-        UnlearnSection(baselines=["sft"])
+    with pytest.raises(ConfigError, match=r"unlearn\.baselines\.1: unknown baseline 'sft'"):
+        bind_config(config_from_dict({"unlearn": {"baselines": ["ga", "sft"]}}))
+    with pytest.raises(ConfigError, match=r"unlearn\.objective: unknown unlearning objective 'dpo'"):
+        bind_config(config_from_dict({"unlearn": {"objective": "dpo"}}))
 
 
 def test_forget_loss_binds_the_objectives_loss_with_checked_args():
@@ -51,14 +55,14 @@ def test_steps_per_solve():
     assert steps_per_solve(UnlearnSection(inner_max_steps=7), train, 20) == 7
 
 
-def test_registries_cover_the_config_literals():
-    assert set(BASELINES) == set(BASELINE_NAMES)
-    assert set(OBJECTIVES) == {"ga", "grad_diff", "npo", "simnpo"}
+def test_the_objectives_and_full_set_baselines_come_from_the_one_loss_registry():
+    assert list(unlearning_objectives()) == ["ga", "grad_diff", "npo", "simnpo"]
+    assert baseline_names() == ["ga", "grad_diff", "npo", "simnpo", "random", "topk", "dpo"]
+    assert [name for name in unlearning_objectives() if uses_retain(name)] == ["grad_diff"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "u2a").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_u2a_config_loads_and_binds(path):
-    cfg = load_config(path)
+    cfg = load_run_config(path)  # binds every loss, plugin, objective, baseline and scorer
     assert len(cfg.tasks) == 1
-    forget_loss(cfg.unlearn)
-    assert all(b in BASELINES for b in cfg.unlearn.baselines)
+    assert all(b in baseline_names() for b in cfg.unlearn.baselines)

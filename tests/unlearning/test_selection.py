@@ -21,8 +21,8 @@ from lifealign.data.collate import collate_pairs
 from lifealign.data.records import PreferencePair
 from lifealign.models.lora import reference_context
 from lifealign.training.forward import batch_logps, compute_reference_logps
-from lifealign.unlearning.config import forget_loss
 from lifealign.unlearning.influence import fast_scores, lora_layers, per_example_unlearn_losses, preference_gradient
+from lifealign.unlearning.objectives import forget_loss
 from lifealign.unlearning.selection import (
     choose_k,
     exponentiated_gradient_step,

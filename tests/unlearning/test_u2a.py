@@ -11,9 +11,9 @@ import yaml
 
 from lifealign.cli.main import main
 from lifealign.config import config_from_dict
+from lifealign.engine.unlearn import run_unlearning
 from lifealign.training.checkpoint import Checkpointer
 from lifealign.training.metrics import read_metrics
-from lifealign.unlearning.u2a import run_unlearning
 from lifealign.utils.jsonio import nan_to_null
 
 CONFIG = {
@@ -138,7 +138,7 @@ def test_a_run_interrupted_inside_a_solve_resumes_to_the_same_result(tmp_path, m
 
 
 def test_a_negative_task_inside_a_stream_runs_u2a_through_the_runner(tmp_path):
-    from lifealign.pipeline import run_experiment
+    from lifealign.engine.experiment import run_experiment
 
     cfg = _stream_config(
         tmp_path / "stream",
@@ -179,7 +179,7 @@ def _stream_config(out, save_every: int = 50, unlearn: dict | None = None):
 def test_a_stream_killed_inside_an_unlearning_solve_resumes_exactly(tmp_path, monkeypatch):
     """RELIABILITY F8 (in-process): crash in the 2nd solve of the negative task; resume gives the clean scores."""
     import lifealign.training.loop as loop
-    from lifealign.pipeline import run_experiment
+    from lifealign.engine.experiment import run_experiment
 
     clean = run_experiment(_stream_config(tmp_path / "clean", save_every=1), report=False)
     real, calls = loop.maybe_fault, {"n": 0}

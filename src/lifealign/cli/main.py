@@ -77,11 +77,11 @@ def _resume_flag(value: str | None) -> bool | str:
 
 
 def _cmd_run(args: argparse.Namespace, single_task: bool = False) -> int:
-    from lifealign.config.load import load_config
-    from lifealign.pipeline import run_experiment
+    from lifealign.engine.experiment import run_experiment
+    from lifealign.engine.specs import load_run_config
     from lifealign.report.markdown import SCORE_METRICS, summary_table
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     if single_task and len(cfg.tasks) != 1:
         raise ValueError(f"lifealign train takes exactly one task; the config lists {len(cfg.tasks)} (use `run`)")
     scores = run_experiment(
@@ -99,20 +99,20 @@ def _cmd_run(args: argparse.Namespace, single_task: bool = False) -> int:
 
 
 def _cmd_unlearn(args: argparse.Namespace) -> int:
-    from lifealign.config.load import load_config
-    from lifealign.unlearning.u2a import run_unlearning
+    from lifealign.engine.specs import load_run_config
+    from lifealign.engine.unlearn import run_unlearning
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     result = run_unlearning(cfg, out_dir=args.out, resume=_resume_flag(args.resume))
     print(json.dumps(result.get("table", result), indent=2, default=str))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from lifealign.config.load import load_config
-    from lifealign.pipeline import evaluate_adapter
+    from lifealign.engine.experiment import evaluate_adapter
+    from lifealign.engine.specs import load_run_config
 
-    scores = evaluate_adapter(load_config(args.config, args.overrides), args.adapter)
+    scores = evaluate_adapter(load_run_config(args.config, args.overrides), args.adapter)
     if args.json:
         print(json.dumps(scores, indent=2))
         return 0

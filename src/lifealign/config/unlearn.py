@@ -12,19 +12,16 @@ from pydantic import Field, model_validator
 
 from lifealign.config.base import Section
 
-__all__ = ["BASELINE_NAMES", "UnlearnSection"]
-
-BASELINE_NAMES = ("ga", "grad_diff", "npo", "simnpo", "random", "topk", "dpo")
-"""Comparisons ``lifealign unlearn`` runs under U2A's step budget: full-set GA / GradDiff / NPO / SimNPO, a random
-subset of U2A's size, U2A's first top-k without re-weighting, and DPO on the preference pairs."""
+__all__ = ["UnlearnSection"]
 
 
 class UnlearnSection(Section):
     """U2A: choose and weight negatives to unlearn by their estimated effect on a preference objective J."""
 
     # ----- inner problem: weighted unlearning -----
-    objective: Literal["ga", "grad_diff", "npo", "simnpo"] = "npo"
-    """The minimised unlearning loss on a negative (forget) response. ``grad_diff`` = ``ga`` + a retain term."""
+    objective: str = "npo"
+    """The minimised unlearning loss on a negative (forget) response: any unlearning loss of ``lifealign.losses``
+    (``ga``, ``grad_diff`` = ``ga`` + a retain term, ``npo``, ``simnpo``; checked when the config is bound)."""
     loss_args: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the forget loss (``npo``: ``beta``; ``simnpo``: ``beta``, ``delta``), checked at bind."""
     retain: Literal["kl", "nll"] = "kl"
@@ -98,9 +95,10 @@ class UnlearnSection(Section):
     original_sft_steps: int = Field(0, ge=0)
     """Steps of SFT on positives' chosen + negatives' rejected, merged into the base: the original model."""
     original_sft_lr: float = Field(1e-4, gt=0)
-    baselines: list[Literal["ga", "grad_diff", "npo", "simnpo", "random", "topk", "dpo"]] = Field(
-        default_factory=lambda: ["ga", "grad_diff", "npo", "random", "topk", "dpo"]
-    )
+    baselines: list[str] = Field(default_factory=lambda: ["ga", "grad_diff", "npo", "random", "topk", "dpo"])
+    """Comparisons ``lifealign unlearn`` runs under U2A's step budget: any unlearning objective on the full candidate
+    set, ``random`` (a random subset of U2A's size), ``topk`` (U2A's first top-k, not re-weighted) and ``dpo`` (DPO
+    on the preference pairs); checked when the config is bound."""
 
     @model_validator(mode="after")
     def _distinct_baselines(self) -> UnlearnSection:

@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lifealign.data.records import PreferencePair
+from lifealign.utils.kwargs import check_range, typed
 
 __all__ = ["BufferEntry", "FIFOBuffer", "record_from_json", "record_to_json"]
 
 Selection = Literal["random", "first"]
 Eviction = Literal["oldest", "newest"]
-SELECTIONS: tuple[str, ...] = ("random", "first")
-EVICTIONS: tuple[str, ...] = ("oldest", "newest")
 
 
 @dataclass(frozen=True)
@@ -73,34 +72,6 @@ def record_from_json(data: dict[str, Any], where: str = "record") -> PreferenceP
     return record
 
 
-def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{key}: must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def check_positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{key}: must be a positive integer, got {value!r}")
-    return value
-
-
-def check_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key}: must be an integer, got {value!r}")
-    return value
-
-
-def check_unit_float(key: str, value: Any, low_open: bool = False) -> float:
-    """``value`` as a float in ``[0, 1]`` (``(0, 1]`` when ``low_open``); bools and non-numbers are rejected."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{key}: must be a number, got {value!r}")
-    if value > 1 or value < 0 or (low_open and value == 0):
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"{key}: must be in {interval}, got {value!r}")
-    return float(value)
-
-
 def n_selected(n_records: int, fraction: float) -> int:
     """``max(1, floor(fraction · n_records))`` for a non-empty task, else 0."""
     if n_records == 0:
@@ -139,11 +110,11 @@ class FIFOBuffer:
         selection: Selection = "random",
         eviction: Eviction = "oldest",
     ):
-        self.capacity = check_positive_int("capacity", capacity)
-        self.fraction = check_unit_float("fraction", fraction, low_open=True)
-        self.seed = check_int("seed", seed)
-        self.selection = check_choice("selection", selection, SELECTIONS)
-        self.eviction = check_choice("eviction", eviction, EVICTIONS)
+        self.capacity = check_range("capacity", typed("capacity", capacity, int), low=1)
+        self.fraction = check_range("fraction", typed("fraction", fraction, float), low=0, high=1, low_open=True)
+        self.seed = typed("seed", seed, int)
+        self.selection = typed("selection", selection, Selection)
+        self.eviction = typed("eviction", eviction, Eviction)
         self.entries: list[BufferEntry] = []
         self.tasks_added: list[int] = []
         """Task indices already offered to the buffer (even if eviction later removed all their records)."""

@@ -26,7 +26,7 @@ terms), so this plugin's ``extra_loss`` returns
     mean_i (α_i − 1) ℓ_i  +  kr_coef · mean_i β_i KR_i,
 
 which makes the total exactly the authors' ``mean_i [α_i ℓ_i + kr_coef β_i KR_i]``. ``ℓ_i`` is recomputed from
-``outputs["inputs"]`` with the method's loss terms (``ctx.extras["loss"]``); the log-probs carry the gradient.
+``outputs["inputs"]`` with the method's loss terms (``ctx.loss``); the log-probs carry the gradient.
 
 ``π_old`` is the adapter state snapshotted in ``before_task`` (``snapshot="task"``: the policy at the end of the
 previous task; the initial adapter for the first task). The authors' code snapshots once, at the first DPO step of
@@ -41,24 +41,22 @@ A side the loss does not read (the SFT stage reads only ``chosen``) drops out of
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lifealign.continual.buffers import check_choice
-from lifealign.continual.ewc import autocast_of, check_nonneg_float
-from lifealign.continual.replay import check_stages
 from lifealign.losses.logps import sequence_logps
 from lifealign.losses.spec import LossInputs
 from lifealign.models.lora import lora_state
-from lifealign.training.plugin import Plugin, PluginContext
+from lifealign.training.plugin import Plugin, PluginContext, TrainingStage
+from lifealign.utils.kwargs import check_distinct, check_range
 
 __all__ = ["CPPOPlugin", "cppo_weights", "knowledge_retention", "logps_with_adapter", "per_example_loss"]
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOTS: tuple[str, ...] = ("task", "once")
+Snapshot = Literal["task", "once"]
 STD_FLOOR = 1e-8
 
 
@@ -139,19 +137,20 @@ class CPPOPlugin(Plugin):
 
     def __init__(
         self,
+        *,
         std_mult: float = 1.0,
         kr_coef: float = 0.1,
-        alpha_bounds: tuple[float, float] | list[float] = (0.5, 2.0),
-        beta_bounds: tuple[float, float] | list[float] = (0.5, 2.0),
-        snapshot: str = "task",
-        stages: tuple[str, ...] | list[str] = ("pref",),
+        alpha_bounds: tuple[float, float] = (0.5, 2.0),
+        beta_bounds: tuple[float, float] = (0.5, 2.0),
+        snapshot: Snapshot = "task",
+        stages: tuple[TrainingStage, ...] = ("pref",),
     ):
-        self.std_mult = check_nonneg_float("std_mult", std_mult)
-        self.kr_coef = check_nonneg_float("kr_coef", kr_coef)
-        self.alpha_bounds = _check_bounds("alpha_bounds", alpha_bounds)
-        self.beta_bounds = _check_bounds("beta_bounds", beta_bounds)
-        self.snapshot = check_choice("snapshot", snapshot, SNAPSHOTS)
-        self.stages = check_stages("stages", stages)
+        self.std_mult = check_range("std_mult", std_mult, low=0)
+        self.kr_coef = check_range("kr_coef", kr_coef, low=0)
+        self.alpha_bounds = _check_bounds("alpha_bounds", tuple(alpha_bounds))
+        self.beta_bounds = _check_bounds("beta_bounds", tuple(beta_bounds))
+        self.snapshot = snapshot
+        self.stages = check_distinct("stages", stages)
         self.old_state: dict[str, Tensor] | None = None
         """π_old: the LoRA tensors snapshotted at ``before_task`` (CPU)."""
         self.snapshot_task: int | None = None
@@ -171,7 +170,7 @@ class CPPOPlugin(Plugin):
             raise ValueError("cppo: no old-policy snapshot (before_task did not run)")
         inputs: LossInputs = outputs["inputs"]
         policy: dict[str, Tensor] = outputs["policy"]
-        losses, margins = per_example_loss(ctx.extras["loss"], inputs)
+        losses, margins = per_example_loss(ctx.loss, inputs)
         if margins is not None and "chosen_logps" in policy:
             alpha, beta = cppo_weights(
                 margins, policy["chosen_logps"], self.std_mult, self.alpha_bounds, self.beta_bounds
@@ -179,7 +178,7 @@ class CPPOPlugin(Plugin):
         else:
             alpha, beta = torch.ones_like(losses.detach()), torch.ones_like(losses.detach())
         alpha, beta = alpha.to(losses.device), beta.to(losses.device)
-        with autocast_of(ctx)():
+        with ctx.autocast():
             old = logps_with_adapter(ctx.model, batch, self.old_state)
         kr = knowledge_retention(policy, old, tuple(batch["sides"]))
         self.last = {
@@ -191,7 +190,7 @@ class CPPOPlugin(Plugin):
         return ((alpha - 1.0) * losses).mean() + self.kr_coef * (beta * kr.to(losses.device)).mean()
 
     # ----- resume --------------------------------------------------------------------------------------------
-    def memory_report(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         n = sum(v.numel() for v in (self.old_state or {}).values())
         return {"snapshot_task": self.snapshot_task, "old_policy_parameters": n, "last": dict(self.last)}
 
@@ -209,11 +208,11 @@ class CPPOPlugin(Plugin):
         self.snapshot_task = meta.get("snapshot_task")
 
 
-def _check_bounds(key: str, value: Any) -> tuple[float, float]:
-    if not isinstance(value, list | tuple) or len(value) != 2:
-        raise ValueError(f"{key}: must be a pair [lower, upper], got {value!r}")
-    low = check_nonneg_float(f"{key}.0", value[0])
-    high = check_nonneg_float(f"{key}.1", value[1])
+def _check_bounds(key: str, value: tuple[float, float]) -> tuple[float, float]:
+    if len(value) != 2:
+        raise ValueError(f"{key}: must be a pair [lower, upper], got {list(value)!r}")
+    low = check_range(f"{key}.0", float(value[0]), low=0)
+    high = check_range(f"{key}.1", float(value[1]), low=0)
     if low > high:
         raise ValueError(f"{key}: lower bound {low} exceeds upper bound {high}")
     return low, high

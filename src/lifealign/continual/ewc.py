@@ -6,7 +6,7 @@ over the trainable LoRA parameters θ (``lora_parameters``), where
 
 - ``θ*`` (the anchor) is the LoRA weights at the end of the latest finished task (``after_task``), as in the
   authors' ``EWCManager`` (one anchor, overwritten per task);
-- ``F`` is the diagonal empirical Fisher of the *method's own loss* (``ctx.extras["loss"]``, e.g. DPO) at ``θ*``:
+- ``F`` is the diagonal empirical Fisher of the *method's own loss* (``ctx.loss``, e.g. DPO) at ``θ*``:
   ``F_i = (1/M) Σ_m (∂ℓ_m/∂θ_i)²`` over ``M`` mini-batches of ``batch_size`` examples taken, in a seeded random
   order, from ``n_samples`` pairs of the finished task's own training data (not the replay buffer).
   ``batch_size=1`` squares per-example gradients (the textbook empirical Fisher); the authors' code squares the
@@ -26,57 +26,38 @@ over the trainable LoRA parameters θ (``lora_parameters``), where
 
 ``lam`` defaults to the authors' 0.1. On LoRA weights the squared gradients of a DPO loss are small (mean entry
 ≈1e-4 on the tiny test model), and LoRA weights move little per task, so ``(λ/2) F Δθ²`` can be negligible next to
-the task loss: check ``loss/ewc`` in ``metrics.jsonl`` and ``memory_report()["fisher"]``, and raise ``lam`` (EWC
+the task loss: check ``loss/ewc`` in ``metrics.jsonl`` and ``report()["fisher"]`` (in ``run_info.json``), and raise ``lam`` (EWC
 papers use 10²–10⁴) when it is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import random
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lifealign.continual.buffers import check_choice, check_int, check_positive_int
-from lifealign.continual.replay import check_stages
-from lifealign.data.collate import collate_pairs
-from lifealign.data.records import PreferencePair
-from lifealign.data.tokenize import tokenize_pairs
-from lifealign.models.lora import lora_parameters, reference_context
-from lifealign.training.forward import batch_logps, compute_reference_logps, loss_inputs
-from lifealign.training.plugin import Plugin, PluginContext
+from lifealign.models.lora import lora_parameters
+from lifealign.training.plugin import Plugin, PluginContext, TrainingStage
+from lifealign.training.step import forward_loss
+from lifealign.training.stored import StoredExamples, sample_records
+from lifealign.utils.kwargs import check_choice, check_distinct, check_range
 
 __all__ = [
     "ACCUMULATIONS",
+    "Accumulation",
     "EWCPlugin",
     "accumulate_fisher",
-    "autocast_of",
-    "batches_of",
-    "check_nonneg_float",
     "diagonal_fisher",
     "ewc_penalty",
-    "method_loss",
-    "sample_records",
-    "tokenized_with_reference",
 ]
 
 logger = logging.getLogger(__name__)
 
+Accumulation = Literal["sum", "mean", "replace"]
 ACCUMULATIONS: tuple[str, ...] = ("sum", "mean", "replace")
-
-
-def check_nonneg_float(key: str, value: Any) -> float:
-    """``value`` as a finite float ``≥ 0`` (bools and non-numbers rejected), else ``ValueError`` naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{key}: must be a finite number, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{key}: must be >= 0, got {value!r}")
-    return float(value)
 
 
 # ----- pure functions --------------------------------------------------------------------------------------------
@@ -137,72 +118,6 @@ def diagonal_fisher(
     return {name: f / n for name, f in fisher.items()}
 
 
-# ----- loss on stored examples (shared with GEM) -----------------------------------------------------------------
-def autocast_of(ctx: PluginContext) -> Callable[[], contextlib.AbstractContextManager]:
-    """The run's autocast context factory (``accelerator.autocast``), or a no-op without an accelerator."""
-    acc = ctx.extras.get("accelerator")
-    return acc.autocast if acc is not None else contextlib.nullcontext
-
-
-def method_loss(
-    model: torch.nn.Module,
-    batch: dict[str, Any],
-    loss: Any,
-    ref: Tensor | None,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> Tensor:
-    """The method's scalar loss on one collated batch (``ref``: ``(B, len(sides))`` reference log-probs or None)."""
-    with autocast():
-        policy = batch_logps(model, batch)
-    total, _, _ = loss(loss_inputs(policy, ref, loss.uses))
-    return total
-
-
-def sample_records(records: Sequence[PreferencePair], n: int, seed: str) -> list[PreferencePair]:
-    """``min(n, len)`` records drawn without replacement by ``random.Random(seed)``, in their original order."""
-    k = min(n, len(records))
-    picked = sorted(random.Random(seed).sample(range(len(records)), k))
-    return [records[i] for i in picked]
-
-
-def tokenized_with_reference(
-    ctx: PluginContext, records: Sequence[PreferencePair], loss: Any, batch_size: int
-) -> tuple[list[dict[str, Any]], Tensor | None]:
-    """Tokenise ``records`` for ``loss``'s sides and, when it needs them, compute base-model reference log-probs
-    ``(n, len(sides))`` (adapter disabled)."""
-    data = ctx.config.data if ctx.config is not None else None
-    if data is None:
-        from lifealign.config.schema import DataSection
-
-        data = DataSection()
-    examples = tokenize_pairs(list(records), ctx.tokenizer, data, sides=loss.uses).examples
-    if not examples or not loss.needs_reference:
-        return examples, None
-    model = ctx.model
-    ref = compute_reference_logps(
-        model,
-        examples,
-        ctx.tokenizer.pad_token_id,
-        loss.uses,
-        lambda: reference_context(model),
-        batch_size,
-        autocast_of(ctx),
-    )
-    return examples, ref
-
-
-def batches_of(
-    examples: list[dict[str, Any]], ref: Tensor | None, pad_id: int, sides: tuple[str, ...], size: int
-) -> list[tuple[dict[str, Any], Tensor | None]]:
-    """Consecutive collated batches of ``size`` examples with their rows of ``ref``."""
-    out = []
-    for start in range(0, len(examples), size):
-        chunk = examples[start : start + size]
-        idx = torch.tensor([ex["index"] for ex in chunk])
-        out.append((collate_pairs(chunk, pad_id, sides=sides), ref[idx] if ref is not None else None))
-    return out
-
-
 # ----- the plugin ------------------------------------------------------------------------------------------------
 class EWCPlugin(Plugin):
     """EWC with a diagonal Fisher of the method's loss; YAML keys are the constructor's arguments."""
@@ -211,19 +126,20 @@ class EWCPlugin(Plugin):
 
     def __init__(
         self,
+        *,
         lam: float = 0.1,
         n_samples: int = 64,
         batch_size: int = 1,
-        accumulate: str = "sum",
-        stages: tuple[str, ...] | list[str] = ("sft", "pref"),
+        accumulate: Accumulation = "sum",
+        stages: tuple[TrainingStage, ...] = ("sft", "pref"),
         seed: int = 0,
     ):
-        self.lam = check_nonneg_float("lam", lam)
-        self.n_samples = check_positive_int("n_samples", n_samples)
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.accumulate = check_choice("accumulate", accumulate, ACCUMULATIONS)
-        self.stages = check_stages("stages", stages)
-        self.seed = check_int("seed", seed)
+        self.lam = check_range("lam", lam, low=0)
+        self.n_samples = check_range("n_samples", n_samples, low=1)
+        self.batch_size = check_range("batch_size", batch_size, low=1)
+        self.accumulate = accumulate
+        self.stages = check_distinct("stages", stages)
+        self.seed = seed
         self.fisher: dict[str, Tensor] | None = None
         """Accumulated diagonal Fisher per LoRA parameter name (CPU float32)."""
         self.anchor: dict[str, Tensor] | None = None
@@ -252,7 +168,7 @@ class EWCPlugin(Plugin):
             logger.warning("ewc: task %d already consolidated; not counted twice", ctx.task_index)
             return
         records = sample_records(ctx.task.train, self.n_samples, f"{self.seed}:{ctx.task_index}")
-        new = self.task_fisher(ctx, records, ctx.extras["loss"])
+        new = self.task_fisher(ctx, records)
         if new is None:
             logger.warning(
                 "ewc: task %r has no usable pair for the Fisher; the anchor moves, F is unchanged", ctx.task.name
@@ -271,22 +187,22 @@ class EWCPlugin(Plugin):
             "accumulated": fisher_stats(self.fisher or {}),
         }
         self.reports.append(report)
-        ctx.extras.setdefault("ewc", {})["fisher"] = report
 
-    def task_fisher(self, ctx: PluginContext, records: list[PreferencePair], loss: Any) -> dict[str, Tensor] | None:
-        """The diagonal Fisher of ``loss`` on ``records`` at the current weights (CPU float32), None if no pair
-        survives tokenisation."""
+    def task_fisher(self, ctx: PluginContext, records: list) -> dict[str, Tensor] | None:
+        """The diagonal Fisher of the method's loss (``ctx.loss``) on ``records`` at the current weights (CPU
+        float32), None if no pair survives tokenisation."""
         model = ctx.model
         was_training = model.training
         model.eval()
         try:
-            examples, ref = tokenized_with_reference(ctx, records, loss, self.batch_size)
-            if not examples:
+            stored = StoredExamples.prepare(ctx, records, self.batch_size)
+            if not stored.examples:
                 return None
-            batches = batches_of(examples, ref, ctx.tokenizer.pad_token_id, loss.uses, self.batch_size)
-            autocast = autocast_of(ctx)
+            batches = stored.batches(ctx.tokenizer.pad_token_id, self.batch_size)
             fisher = diagonal_fisher(
-                lora_parameters(model), batches, lambda b: method_loss(model, b[0], loss, b[1], autocast)
+                lora_parameters(model),
+                batches,
+                lambda b: forward_loss(model, b[0], ctx.loss, b[1], autocast=ctx.autocast).total,
             )
         finally:
             model.train(was_training)
@@ -301,7 +217,7 @@ class EWCPlugin(Plugin):
         return cached
 
     # ----- reporting and resume ------------------------------------------------------------------------------
-    def memory_report(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         """``{"tasks", "fisher": stats of the accumulated Fisher, "reports": per-task Fisher stats}``."""
         return {"tasks": list(self.tasks), "fisher": fisher_stats(self.fisher or {}), "reports": list(self.reports)}
 

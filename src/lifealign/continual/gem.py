@@ -3,7 +3,7 @@
 Both keep an episodic memory of ``memory_per_task`` pairs of every finished task (a seeded random sample of the
 task's own training records, added in ``after_task``) and edit the gradient in ``after_backward``, after the
 micro-batch gradients are accumulated and before clipping. Memory gradients are gradients of the *method's* loss
-(``ctx.extras["loss"]``, e.g. DPO, with base-model reference log-probs computed once per stored task) with respect
+(``ctx.loss``, e.g. DPO, with base-model reference log-probs computed once per stored task) with respect
 to every trainable parameter, flattened into one vector, at the current weights; the step's gradient is saved first
 and restored after, so only the projection changes it.
 
@@ -44,18 +44,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lifealign.continual.buffers import check_int, check_positive_int, record_from_json, record_to_json
-from lifealign.continual.ewc import (
-    autocast_of,
-    batches_of,
-    check_nonneg_float,
-    method_loss,
-    sample_records,
-    tokenized_with_reference,
-)
-from lifealign.continual.replay import check_stages
+from lifealign.continual.buffers import record_from_json, record_to_json
 from lifealign.data.records import PreferencePair
-from lifealign.training.plugin import Plugin, PluginContext
+from lifealign.training.plugin import Plugin, PluginContext, TrainingStage
+from lifealign.training.step import forward_loss
+from lifealign.training.stored import StoredExamples, sample_records
+from lifealign.utils.kwargs import check_distinct, check_range
 
 __all__ = [
     "AGEMPlugin",
@@ -161,19 +155,20 @@ class GEMPlugin(Plugin):
 
     def __init__(
         self,
+        *,
         memory_per_task: int = 16,
         margin: float = 0.1,
         eps: float = 0.0,
         memory_batch_size: int = 8,
-        stages: tuple[str, ...] | list[str] = ("sft", "pref"),
+        stages: tuple[TrainingStage, ...] = ("sft", "pref"),
         seed: int = 0,
     ):
-        self.memory_per_task = check_positive_int("memory_per_task", memory_per_task)
-        self.margin = check_nonneg_float("margin", margin)
-        self.eps = check_nonneg_float("eps", eps)
-        self.memory_batch_size = check_positive_int("memory_batch_size", memory_batch_size)
-        self.stages = check_stages("stages", stages)
-        self.seed = check_int("seed", seed)
+        self.memory_per_task = check_range("memory_per_task", memory_per_task, low=1)
+        self.margin = check_range("margin", margin, low=0)
+        self.eps = check_range("eps", eps, low=0)
+        self.memory_batch_size = check_range("memory_batch_size", memory_batch_size, low=1)
+        self.stages = check_distinct("stages", stages)
+        self.seed = seed
         self.memory: dict[int, list[PreferencePair]] = {}
         """Task index -> its stored pairs (task order)."""
         self.steps = 0
@@ -181,7 +176,7 @@ class GEMPlugin(Plugin):
         self.projected = 0
         self.last: dict[str, Any] = {}
         """The latest step's ``dots_before`` / ``dots_after`` (⟨g, g_k⟩ before and after) and ``projected``."""
-        self._prepared: dict[int, tuple[list[dict[str, Any]], Tensor | None]] = {}
+        self._prepared: dict[int, StoredExamples] = {}
 
     # ----- memory --------------------------------------------------------------------------------------------
     def after_task(self, ctx: PluginContext) -> None:
@@ -192,37 +187,28 @@ class GEMPlugin(Plugin):
             ctx.task.train, self.memory_per_task, f"{self.seed}:{ctx.task_index}"
         )
 
-    def _prepared_task(self, ctx: PluginContext, task_index: int) -> tuple[list[dict[str, Any]], Tensor | None]:
+    def _prepared_task(self, ctx: PluginContext, task_index: int) -> StoredExamples:
         """Tokenised memory of one task with base-model reference log-probs (computed once; deterministic)."""
         if task_index not in self._prepared:
-            loss = ctx.extras["loss"]
-            self._prepared[task_index] = tokenized_with_reference(
-                ctx, self.memory[task_index], loss, self.memory_batch_size
-            )
+            self._prepared[task_index] = StoredExamples.prepare(ctx, self.memory[task_index], self.memory_batch_size)
         return self._prepared[task_index]
 
-    def _memory_gradient(
-        self, ctx: PluginContext, params: list[torch.nn.Parameter], examples: list[dict[str, Any]], ref: Tensor | None
-    ) -> Tensor:
-        """Flat gradient of the method's mean loss over ``examples`` (batches weighted by their size)."""
-        loss = ctx.extras["loss"]
+    def _memory_gradient(self, ctx: PluginContext, params: list[torch.nn.Parameter], stored: StoredExamples) -> Tensor:
+        """Flat gradient of the method's mean loss over the stored examples (batches weighted by their size)."""
         for p in params:
             p.grad = None
-        autocast = autocast_of(ctx)
-        for batch, batch_ref in batches_of(
-            examples, ref, ctx.tokenizer.pad_token_id, loss.uses, self.memory_batch_size
-        ):
-            share = batch["n_pairs"] / len(examples)
-            (method_loss(ctx.model, batch, loss, batch_ref, autocast) * share).backward()
+        for batch, batch_ref in stored.batches(ctx.tokenizer.pad_token_id, self.memory_batch_size):
+            share = batch["n_pairs"] / len(stored)
+            (forward_loss(ctx.model, batch, ctx.loss, batch_ref, autocast=ctx.autocast).total * share).backward()
         return flat_grad(params)
 
     def _reference_gradients(self, ctx: PluginContext, params: list[torch.nn.Parameter]) -> Tensor | None:
         """``(K, p)``: one memory gradient per stored task with at least one usable pair."""
         rows = []
         for task_index in sorted(self.memory):
-            examples, ref = self._prepared_task(ctx, task_index)
-            if examples:
-                rows.append(self._memory_gradient(ctx, params, examples, ref))
+            stored = self._prepared_task(ctx, task_index)
+            if stored.examples:
+                rows.append(self._memory_gradient(ctx, params, stored))
         return torch.stack(rows) if rows else None
 
     # ----- the projection ------------------------------------------------------------------------------------
@@ -252,7 +238,7 @@ class GEMPlugin(Plugin):
         return project_gem(g, memory, self.margin, self.eps)
 
     # ----- reporting and resume ------------------------------------------------------------------------------
-    def memory_report(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         return {
             "tasks": {str(t): len(r) for t, r in sorted(self.memory.items())},
             "steps": self.steps,
@@ -286,10 +272,11 @@ class AGEMPlugin(GEMPlugin):
 
     def __init__(
         self,
+        *,
         memory_per_task: int = 16,
         sample_size: int = 8,
         memory_batch_size: int = 8,
-        stages: tuple[str, ...] | list[str] = ("sft", "pref"),
+        stages: tuple[TrainingStage, ...] = ("sft", "pref"),
         seed: int = 0,
     ):
         super().__init__(
@@ -300,26 +287,27 @@ class AGEMPlugin(GEMPlugin):
             stages=stages,
             seed=seed,
         )
-        self.sample_size = check_positive_int("sample_size", sample_size)
+        self.sample_size = check_range("sample_size", sample_size, low=1)
 
     def _reference_gradients(self, ctx: PluginContext, params: list[torch.nn.Parameter]) -> Tensor | None:
         """``(1, p)``: the gradient of a sample of ``sample_size`` pairs from the whole memory (seeded by step)."""
         pool: list[tuple[int, int]] = []
         for task_index in sorted(self.memory):
-            examples, _ = self._prepared_task(ctx, task_index)
-            pool.extend((task_index, i) for i in range(len(examples)))
+            pool.extend((task_index, i) for i in range(len(self._prepared_task(ctx, task_index))))
         if not pool:
             return None
         rng = random.Random(f"{self.seed}:agem:{self.steps}")
         picked = sorted(rng.sample(pool, min(self.sample_size, len(pool))))
-        examples, refs = [], []
-        for task_index, i in picked:
-            task_examples, ref = self._prepared_task(ctx, task_index)
-            examples.append({**task_examples[i], "index": len(examples)})
-            if ref is not None:
-                refs.append(ref[i])
-        ref_rows = torch.stack(refs) if refs else None
-        return self._memory_gradient(ctx, params, examples, ref_rows).unsqueeze(0)
+        sample = _concat([self._prepared_task(ctx, t).subset([i]) for t, i in picked])
+        return self._memory_gradient(ctx, params, sample).unsqueeze(0)
 
     def project(self, g: Tensor, memory: Tensor) -> tuple[Tensor, bool]:
         return project_agem(g, memory[0])
+
+
+def _concat(parts: list[StoredExamples]) -> StoredExamples:
+    """Stored examples of several tasks in one set (re-indexed; every part has the same sides)."""
+    examples = [{**ex, "index": k} for k, ex in enumerate(ex for part in parts for ex in part.examples)]
+    refs = [part.reference for part in parts]
+    reference = torch.cat(refs) if refs and all(r is not None for r in refs) else None
+    return StoredExamples(examples, reference, parts[0].sides)

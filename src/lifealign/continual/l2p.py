@@ -35,7 +35,7 @@ gradients in ``after_backward``, so AdamW skips those weights; ``True`` trains b
 
 Resume: pool and keys are plugin state; ``load_state_dict`` arms a one-shot forward pre-hook that re-attaches the
 pool on the first forward of a LoRA model (for an evaluation resumed before any training hook). The model carries the
-pool and hooks until ``detach()``.
+pool and hooks until ``close()``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +51,11 @@ from peft import PeftModel
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lifealign.continual.buffers import check_choice, check_int, check_positive_int
-from lifealign.continual.ewc import check_nonneg_float
 from lifealign.continual.olora import bind_on_first_forward, lora_layers
 from lifealign.data.tokenize import chat_ids, common_prefix_length, uses_chat_template
 from lifealign.models.lora import lora_parameters
 from lifealign.training.plugin import Plugin, PluginContext
+from lifealign.utils.kwargs import check_range
 
 __all__ = [
     "KEY_MODES",
@@ -71,6 +70,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+KeyMode = Literal["learned", "prompt_mean"]
 KEY_MODES: tuple[str, ...] = ("learned", "prompt_mean")
 POOL_ATTR = "l2p_pool"
 
@@ -144,25 +144,22 @@ class L2PPlugin(Plugin):
 
     def __init__(
         self,
+        *,
         pool_size: int = 10,
         prompt_length: int = 5,
         top_k: int = 3,
         lam: float = 0.5,
-        key_mode: str = "learned",
+        key_mode: KeyMode = "learned",
         train_lora: bool = False,
         seed: int = 0,
     ):
-        self.pool_size = check_positive_int("pool_size", pool_size)
-        self.prompt_length = check_positive_int("prompt_length", prompt_length)
-        self.top_k = check_positive_int("top_k", top_k)
-        if self.top_k > self.pool_size:
-            raise ValueError(f"top_k: must be <= pool_size ({self.pool_size}), got {top_k}")
-        self.lam = check_nonneg_float("lam", lam)
-        self.key_mode = check_choice("key_mode", key_mode, KEY_MODES)
-        if not isinstance(train_lora, bool):
-            raise ValueError(f"train_lora: must be true or false, got {train_lora!r}")
+        self.pool_size = check_range("pool_size", pool_size, low=1)
+        self.prompt_length = check_range("prompt_length", prompt_length, low=1)
+        self.top_k = check_range("top_k", top_k, low=1, high=pool_size)
+        self.lam = check_range("lam", lam, low=0)
+        self.key_mode = key_mode
         self.train_lora = train_lora
-        self.seed = check_int("seed", seed)
+        self.seed = seed
         self.header: list[int] | None = None
         self.counts = torch.zeros(self.pool_size, dtype=torch.long)
         """How often each prompt was selected in training forwards (all tasks)."""
@@ -196,7 +193,7 @@ class L2PPlugin(Plugin):
             return False
         if self.header is None:
             raise ValueError("l2p: attach needs the tokenizer's generation header (call a hook with ctx first)")
-        self.detach()
+        self.close()
         pool = self.pool if self.pool is not None else self._new_pool(hf.get_input_embeddings().weight)
         setattr(hf, POOL_ATTR, pool)
         self.pool, self._hf, self._probe = pool, hf, next(iter(layers.values()))
@@ -206,7 +203,7 @@ class L2PPlugin(Plugin):
         ]
         return True
 
-    def detach(self) -> None:
+    def close(self) -> None:
         """Remove the hooks and the pool from the model (the pool's values stay in the plugin)."""
         for h in self._handles:
             h.remove()
@@ -240,12 +237,7 @@ class L2PPlugin(Plugin):
 
     def _ensure_attached(self, ctx: PluginContext) -> None:
         if self.header is None:
-            data = getattr(ctx.config, "data", None)
-            chat = (
-                uses_chat_template(ctx.tokenizer, data)
-                if data is not None
-                else bool(getattr(ctx.tokenizer, "chat_template", None))
-            )
+            chat = uses_chat_template(ctx.tokenizer, ctx.data)
             self.header = generation_header(ctx.tokenizer) if chat else []
         if not self.attach(ctx.model):
             raise ValueError("l2p: the model is not a causal LM with LoRA layers")
@@ -340,7 +332,7 @@ class L2PPlugin(Plugin):
                 p.grad = None
 
     # ----- reporting and resume ------------------------------------------------------------------------------
-    def memory_report(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         n = sum(p.numel() for p in self.pool.parameters()) if self.pool is not None else 0
         return {"pool_parameters": n, "selection_counts": self.counts.tolist()}
 
@@ -367,7 +359,7 @@ class L2PPlugin(Plugin):
                 raise ValueError(f"l2p {key}: the checkpoint has {value!r} but this plugin has {settings.get(key)!r}")
         if self.key_mode == "learned" and "prompts" in tensors and "keys" not in tensors:
             raise ValueError("l2p: checkpoint has prompts without keys")
-        self.detach()
+        self.close()
         self.pool = None
         self._saved = {k: v.float().cpu() for k, v in tensors.items() if k in ("prompts", "keys")}
         self.header = meta.get("header")

@@ -30,7 +30,7 @@ Resume: the frozen factors are plugin state; the hooks are re-attached from any 
 ``load_state_dict`` also arms a one-shot process-wide forward pre-hook that attaches them on the first forward of a
 model with the same LoRA modules, so an evaluation resumed before any training hook still sees them.
 
-The model carries the hooks until ``detach()`` is called: a run that trains another method on the same model object
+The model carries the hooks until ``close()`` is called: a run that trains another method on the same model object
 afterwards must call it (the runner has no end-of-stream hook).
 
 Sharded training: folding and ``merged_deltas`` run inside ``gathered_lora`` (full matrices; rank 0's re-initialised
@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import PeftModel
@@ -53,11 +53,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
-from lifealign.continual.buffers import check_choice, check_int
-from lifealign.continual.ewc import check_nonneg_float
 from lifealign.models.gather import canonical_name, full_value_for_loss
 from lifealign.models.lora import gathered_lora, lora_modules
 from lifealign.training.plugin import Plugin, PluginContext
+from lifealign.utils.kwargs import check_range
 
 __all__ = [
     "ORTH_NORMS",
@@ -71,6 +70,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+OrthNorm = Literal["squared", "abs"]
 ORTH_NORMS: tuple[str, ...] = ("squared", "abs")
 
 
@@ -141,11 +141,11 @@ class OLoRAPlugin(Plugin):
 
     name = "olora"
 
-    def __init__(self, lam_orth: float = 0.1, lam_l2: float = 0.01, orth_norm: str = "squared", seed: int = 0):
-        self.lam_orth = check_nonneg_float("lam_orth", lam_orth)
-        self.lam_l2 = check_nonneg_float("lam_l2", lam_l2)
-        self.orth_norm = check_choice("orth_norm", orth_norm, ORTH_NORMS)
-        self.seed = check_int("seed", seed)
+    def __init__(self, *, lam_orth: float = 0.1, lam_l2: float = 0.01, orth_norm: OrthNorm = "squared", seed: int = 0):
+        self.lam_orth = check_range("lam_orth", lam_orth, low=0)
+        self.lam_l2 = check_range("lam_l2", lam_l2, low=0)
+        self.orth_norm = orth_norm
+        self.seed = seed
         self.old_a: dict[str, Tensor] = {}
         """Module name -> stacked A of the folded tasks (Σr, d_in), CPU float32."""
         self.old_b: dict[str, Tensor] = {}
@@ -164,13 +164,13 @@ class OLoRAPlugin(Plugin):
         layers = match_module_names(lora_layers(model), sorted(self.old_a)) if self.old_a else {}
         if layers is None:
             return False
-        self.detach()
+        self.close()
         for key, layer in layers.items():
             self._handles.append(layer.register_forward_hook(self._frozen_hook(key, layer)))
         self._model = model
         return True
 
-    def detach(self) -> None:
+    def close(self) -> None:
         """Remove every hook this plugin put on a model (and a pending lazy attachment)."""
         for h in self._handles:
             h.remove()
@@ -238,13 +238,12 @@ class OLoRAPlugin(Plugin):
                 b.zero_()
         self.folded.append(ctx.task_index)
         self._cache = {}
-        self.detach()  # re-hook: a module folded for the first time needs its hook
+        self.close()  # re-hook: a module folded for the first time needs its hook
         self._ensure_attached(ctx.model)
 
     @staticmethod
     def _is_last_task(ctx: PluginContext) -> bool:
-        tasks = getattr(ctx.config, "tasks", None)
-        return bool(tasks) and ctx.task_index == len(tasks) - 1
+        return ctx.task_index == ctx.n_tasks - 1
 
     # ----- export, reporting and resume ----------------------------------------------------------------------
     def merged_deltas(self, model: nn.Module) -> dict[str, Tensor]:
@@ -260,7 +259,7 @@ class OLoRAPlugin(Plugin):
                 out[key] = delta
         return out
 
-    def memory_report(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         n = sum(v.numel() for v in self.old_a.values()) + sum(v.numel() for v in self.old_b.values())
         ranks = sorted({v.shape[0] for v in self.old_a.values()})
         return {"folded_tasks": list(self.folded), "frozen_rank": ranks, "frozen_bytes": 4 * n}
@@ -280,7 +279,7 @@ class OLoRAPlugin(Plugin):
         for k in old_a:
             if old_a[k].shape[0] != old_b[k].shape[1]:
                 raise ValueError(f"olora: {k}: frozen A has {old_a[k].shape[0]} rows but B {old_b[k].shape[1]} columns")
-        self.detach()
+        self.close()
         self.old_a, self.old_b = old_a, old_b
         self.folded = [int(t) for t in meta.get("folded", [])]
         self._cache = {}

@@ -23,28 +23,14 @@ import logging
 import random
 from typing import Any
 
-from lifealign.continual.buffers import FIFOBuffer, check_choice, check_int, check_positive_int, check_unit_float
+from lifealign.continual.buffers import Eviction, FIFOBuffer, Selection
 from lifealign.data.records import PreferencePair
-from lifealign.training.plugin import Plugin, PluginContext
+from lifealign.training.plugin import TRAINING_STAGES, Plugin, PluginContext, TrainingStage
+from lifealign.utils.kwargs import check_distinct, check_range
 
-__all__ = ["STAGES", "ReplayPlugin", "check_stages", "mix_with_buffer"]
+__all__ = ["ReplayPlugin", "mix_with_buffer"]
 
 logger = logging.getLogger(__name__)
-
-STAGES: tuple[str, ...] = ("sft", "pref")
-
-
-def check_stages(key: str, stages: Any) -> tuple[str, ...]:
-    """``stages`` as a non-empty tuple of distinct names from :data:`STAGES` (a single string is one stage)."""
-    if isinstance(stages, str):
-        stages = (stages,)
-    if not isinstance(stages, list | tuple) or not stages:
-        raise ValueError(f"{key}: must be a non-empty list of stages from {list(STAGES)}, got {stages!r}")
-    for stage in stages:
-        check_choice(key, stage, STAGES)
-    if len(set(stages)) != len(stages):
-        raise ValueError(f"{key}: repeated stage in {list(stages)}")
-    return tuple(stages)
 
 
 def mix_with_buffer(
@@ -75,23 +61,23 @@ class ReplayPlugin(Plugin):
 
     def __init__(
         self,
+        *,
         buffer_size: int = 3000,
         fraction: float = 0.2,
-        selection: str = "random",
-        eviction: str = "oldest",
-        stages: tuple[str, ...] | list[str] = STAGES,
+        selection: Selection = "random",
+        eviction: Eviction = "oldest",
+        stages: tuple[TrainingStage, ...] = TRAINING_STAGES,
         seed: int = 0,
     ):
-        buffer_size = check_positive_int("buffer_size", buffer_size)
-        fraction = check_unit_float("fraction", fraction, low_open=True)
-        selection = check_choice("selection", selection, ("random", "first"))
-        eviction = check_choice("eviction", eviction, ("oldest", "newest"))
-        self.stages = check_stages("stages", stages)
-        self.seed = check_int("seed", seed)
+        check_range("buffer_size", buffer_size, low=1)
+        check_range("fraction", fraction, low=0, high=1, low_open=True)
+        self.stages = check_distinct("stages", stages)
+        self.seed = seed
         self.buffers: dict[str, FIFOBuffer] = {
             stage: FIFOBuffer(buffer_size, fraction, seed=self.seed, selection=selection, eviction=eviction)
             for stage in self.stages
         }
+        self.mixes: dict[str, dict[str, int]] = {}
         self._pending_task: int | None = None
         self._pending: dict[str, list[str]] = {}
         """Per stage, the content hashes of the current task's records that stage trained on."""
@@ -105,12 +91,12 @@ class ReplayPlugin(Plugin):
         replayed = self.buffers[ctx.stage].records
         rng = random.Random(f"{self.seed}:{ctx.task_index}:{ctx.stage}")
         mixed, dropped = mix_with_buffer(records, replayed, rng)
-        ctx.extras.setdefault("replay", {})[ctx.stage] = {
+        self.mixes[ctx.stage] = {
+            "task_index": ctx.task_index,
             "current": len(records),
             "replayed": len(replayed) - dropped,
             "duplicates_dropped": dropped,
         }
-        ctx.extras["replay"]["buffers"] = self.memory_report()
         return mixed
 
     def after_task(self, ctx: PluginContext) -> None:
@@ -123,12 +109,12 @@ class ReplayPlugin(Plugin):
                 continue
             buffer.add_task(stage_records(ctx.task.train, pending[stage]), ctx.task_index, ctx.task.name)
         self._pending_task, self._pending = None, {}
-        ctx.extras.setdefault("replay", {})["buffers"] = self.memory_report()
 
-    def memory_report(self) -> dict[str, Any]:
-        """Per stage: ``{"size", "capacity", "per_task": [{"task_index", "task", "records"}]}``."""
+    def report(self) -> dict[str, Any]:
+        """Per stage: ``{"size", "capacity", "per_task": [{"task_index", "task", "records"}], "last_mix"}``, the last
+        mix being the latest ``train_data`` call's counts (current records, replayed, duplicates dropped)."""
         return {
-            stage: {"size": len(b), "capacity": b.capacity, "per_task": b.per_task()}
+            stage: {"size": len(b), "capacity": b.capacity, "per_task": b.per_task(), "last_mix": self.mixes.get(stage)}
             for stage, b in self.buffers.items()
         }
 
@@ -139,6 +125,7 @@ class ReplayPlugin(Plugin):
                 "buffers": {stage: b.state_dict() for stage, b in self.buffers.items()},
                 "pending_task": self._pending_task,
                 "pending": {stage: list(h) for stage, h in self._pending.items()},
+                "mixes": dict(self.mixes),
             },
         }
 
@@ -153,6 +140,7 @@ class ReplayPlugin(Plugin):
             buffer.load_state_dict(saved[stage])
         self._pending_task = meta.get("pending_task")
         self._pending = {stage: list(h) for stage, h in meta.get("pending", {}).items()}
+        self.mixes = {stage: dict(m) for stage, m in meta.get("mixes", {}).items()}
 
 
 def stage_records(task_records: list[PreferencePair], hashes: list[str]) -> list[PreferencePair]:

@@ -41,15 +41,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lifealign.continual.buffers import check_choice, check_unit_float
-from lifealign.continual.replay import check_stages
 from lifealign.models.lora import gathered_lora, lora_modules
-from lifealign.training.plugin import Plugin, PluginContext
+from lifealign.training.plugin import Plugin, PluginContext, TrainingStage
+from lifealign.utils.kwargs import check_distinct, check_range
 
 __all__ = [
     "SLMCPlugin",
@@ -66,7 +65,7 @@ ENERGY_EPS = 1e-9
 """A short-term update with ``Σσ² ≤ ENERGY_EPS`` is returned unchanged (authors' ``_denoise_update_vector``)."""
 BASIS_REL_TOL = 1e-6
 """``rank_truncate_basis`` keeps history directions with ``σ > BASIS_REL_TOL · σ_max``."""
-GRANULARITIES: tuple[str, ...] = ("factors", "product")
+Granularity = Literal["factors", "product"]
 
 
 def truncate_by_energy(m: Tensor, theta: float) -> tuple[Tensor, int, float]:
@@ -183,18 +182,17 @@ class SLMCPlugin(Plugin):
 
     def __init__(
         self,
+        *,
         theta: float = 0.9,
         lam: float = 0.5,
-        stages: tuple[str, ...] | list[str] = ("pref",),
-        granularity: str = "factors",
+        stages: tuple[TrainingStage, ...] = ("pref",),
+        granularity: Granularity = "factors",
         rank_truncate_basis: bool = True,
     ):
-        self.theta = check_unit_float("theta", theta)
-        self.lam = check_unit_float("lam", lam)
-        self.stages = check_stages("stages", stages)
-        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
-        if not isinstance(rank_truncate_basis, bool):
-            raise ValueError(f"rank_truncate_basis: must be true or false, got {rank_truncate_basis!r}")
+        self.theta = check_range("theta", theta, low=0, high=1)
+        self.lam = check_range("lam", lam, low=0, high=1)
+        self.stages = check_distinct("stages", stages)
+        self.granularity = granularity
         self.rank_truncate_basis = rank_truncate_basis
         self.history: dict[str, list[Tensor]] = {}
         """Matrix key (``<module>.lora_A``/``.lora_B``, or ``<module>`` in product mode) -> flat float32 RSMs."""
@@ -235,7 +233,6 @@ class SLMCPlugin(Plugin):
             infos = {name: info for module, params in modules.items() for name, info in consolidate(module, *params)}
         report = self._report(ctx, infos)
         self.reports.append(report)
-        ctx.extras["slmc"] = report
         self._w0, self._w0_at, self._w0_restored = None, None, False
         logger.info(
             "slmc %s/%s: mean kept rank %.2f, mean kept energy %.4f, history %d bytes",
@@ -304,7 +301,7 @@ class SLMCPlugin(Plugin):
             "matrices": infos,
         }
 
-    def memory_report(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         """``{"history_bytes", "history_length", "consolidations", "reports"}``; ``reports`` has one dict per
         consolidation (task, stage, kept rank / kept energy / history rank per matrix)."""
         return {

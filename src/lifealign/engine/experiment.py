@@ -6,7 +6,7 @@ Output folder layout (``run_dir``)::
     data_summary.json    records read / skipped by reason per task
     scores.json          {"<method>": {"<metric>": {"matrix", "bwt", "last", "ap", "fwt", ...}}}
     report.md, *.png     tables and heatmaps
-    <method>/            metrics.jsonl, checkpoints/, adapter/ (peft format), memory.json
+    <method>/            metrics.jsonl, checkpoints/, adapter/ (peft format), run_info.json
                          (with a single method these live directly in run_dir)
 """
 
@@ -23,8 +23,15 @@ import torch
 import yaml
 
 from lifealign.config.schema import RunConfig
+from lifealign.config.secrets import known_secrets, redact
 from lifealign.data.records import TaskStream
 from lifealign.data.sources import load_stream
+from lifealign.engine.specs import bind_config
+from lifealign.engine.stream import StreamRunner
+from lifealign.evaluation.scorers import build_scorers as build_named_scorers
+from lifealign.models.lora import lora_state
+from lifealign.report.markdown import write_report
+from lifealign.report.results import write_scores
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +58,6 @@ def preflight_output_dir(run_dir: Path) -> None:
 
 def write_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
     """``run_dir/config.yaml``: the resolved config, with secret-named keys and known secret values redacted."""
-    from lifealign.config.secrets import known_secrets, redact
-
     clean = redact(cfg.model_dump(mode="json"), known_secrets(cfg))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(clean, sort_keys=False))
 
@@ -64,9 +69,7 @@ def _data_summary(stream: TaskStream) -> dict[str, Any]:
 
 
 def build_scorers(cfg: RunConfig) -> list[Any]:
-    from lifealign.evaluation.scorers import build_scorers as build
-
-    return build(cfg.eval.scorers)
+    return build_named_scorers(cfg.eval.scorers)
 
 
 def make_accelerator(cfg: RunConfig) -> Any:
@@ -101,11 +104,8 @@ def run_experiment(
     report: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Run every method of ``cfg`` over its task stream; returns (and writes) ``scores.json``'s content."""
-    from lifealign.continual.runner import StreamRunner, resume_or_start
-    from lifealign.models.lora import lora_state
-    from lifealign.report.results import write_scores
-
     run_dir = Path(out_dir or cfg.output_dir)
+    specs = bind_config(cfg)
     preflight_output_dir(run_dir)
     if not cfg.tasks:
         raise ValueError("tasks: the config lists no task")
@@ -121,42 +121,27 @@ def run_experiment(
     model = accelerator.prepare(model)
     init_adapter = lora_state(accelerator.unwrap_model(model))
     scorers = build_scorers(cfg)
-    methods = cfg.all_methods()
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ValueError(f"methods: names must be distinct, got {names}")
     all_scores: dict[str, dict[str, Any]] = {}
     reference_cache: dict = {}
     timings: dict[str, float] = {}
-    for method in methods:
-        method_dir = run_dir if len(methods) == 1 else run_dir / method.name
+    for spec in specs:
+        method_dir = run_dir if len(specs) == 1 else run_dir / spec.name
         method_dir.mkdir(parents=True, exist_ok=True)
         runner = StreamRunner(
-            cfg, method, stream, model, tokenizer, accelerator, method_dir, init_adapter, scorers, reference_cache
+            cfg, spec, stream, model, tokenizer, accelerator, method_dir, init_adapter, scorers, reference_cache
         )
-        resume_or_start(runner, resume, strict_resume, allow_config_change)
-        all_scores[method.name] = runner.run()
-        for plugin in runner.plugins:  # plugins that hook the shared model (O-LoRA, L2P) release it
-            if hasattr(plugin, "detach"):
-                plugin.detach()
-        timings[method.name] = runner.state.elapsed
+        runner.start(resume, strict_resume, allow_config_change)
+        all_scores[spec.name] = runner.run_stream()
+        runner.close()
+        timings[spec.name] = runner.run.elapsed
         if accelerator.is_main_process:
-            memory = {p.name: p.memory_report() for p in runner.plugins if hasattr(p, "memory_report")}
-            info = {
-                "references": runner.state.references,
-                "stages": runner.state.stage_results,
-                "elapsed_seconds": runner.state.elapsed,
-                "memory": memory,
-            }
-            (method_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+            (method_dir / "run_info.json").write_text(json.dumps(runner.run_info(), indent=2, default=str))
     if accelerator.is_main_process:
         write_scores(run_dir, all_scores)
         (run_dir / "timings.json").write_text(
             json.dumps({"methods": timings, "wall_seconds": time.monotonic() - started}, indent=2)
         )
         if report:
-            from lifealign.report.markdown import write_report
-
             write_report([run_dir], run_dir)
     accelerator.wait_for_everyone()
     return all_scores

@@ -26,32 +26,33 @@ import torch
 
 from lifealign.config.load import trajectory_hash
 from lifealign.config.schema import LossTerm, RunConfig
-from lifealign.continual.runner import ResumeError
 from lifealign.data.records import Task
 from lifealign.data.sources import load_stream
 from lifealign.data.tokenize import tokenize_pairs
+from lifealign.engine.experiment import build_scorers, make_accelerator, preflight_output_dir, write_resolved_config
+from lifealign.engine.parts import AdapterPart
+from lifealign.engine.run import JsonPart, Run, TensorPart
+from lifealign.engine.specs import bind_config
 from lifealign.evaluation.scorers.base import Shard
-from lifealign.losses import bind_losses
+from lifealign.losses import CombinedLoss, bind_losses
+from lifealign.models.load import load_model_and_tokenizer
 from lifealign.models.lora import attach_lora, load_lora_state, lora_state, reference_context, save_adapter
-from lifealign.pipeline import build_scorers, make_accelerator, preflight_output_dir, write_resolved_config
 from lifealign.report.unlearn import selection_summary, write_unlearn_outputs
-from lifealign.training.checkpoint import Checkpoint, Checkpointer
 from lifealign.training.forward import compute_reference_logps
-from lifealign.training.loop import LoopServices, StagePlan, train_task
+from lifealign.training.loop import StageContext, StagePlan, train_task
 from lifealign.training.metrics import MetricsWriter
 from lifealign.training.plugin import Plugin, PluginContext
-from lifealign.unlearning.baselines import BASELINES, BaselineContext
-from lifealign.unlearning.config import FORGET_SIDES, forget_loss, inner_lr
+from lifealign.unlearning.baselines import BaselineContext, baseline_job
 from lifealign.unlearning.data import U2AData, pool_data, reindex, tokenize_side
 from lifealign.unlearning.evaluate import evaluate_unlearning, prepare_eval_sets
 from lifealign.unlearning.inner import InnerSolver, inner_plugins
+from lifealign.unlearning.objectives import FORGET_SIDES, forget_loss, inner_lr
 from lifealign.unlearning.selection import choose_k
 from lifealign.unlearning.u2a import U2A, U2AInputs, U2AProgress, u2a_budget
-from lifealign.utils.jsonio import nan_to_null
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnlearnRun", "config_hash"]
+__all__ = ["UnlearnRun", "config_hash", "run_unlearning"]
 
 PAIR = ("chosen", "rejected")
 
@@ -70,19 +71,9 @@ class UnlearnRun:
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool | str = False):
         self.cfg, self.section, self.dir, self.resume = cfg, cfg.unlearn, Path(run_dir), resume
         self.hash = config_hash(cfg)
-        self.state: dict[str, Any] = {
-            "done": [],
-            "started": [],
-            "progress": {},
-            "results": {},
-            "stages": {},
-            "events": [],
-            "global_step": 0,
-        }
-        self.position: dict[str, Any] = {}
-        self.model: torch.nn.Module | None = None
-        self.original_state: dict[str, torch.Tensor] = {}
-        self._loop_resume: dict[str, Any] | None = None
+        self.state: dict[str, Any] = {"started": [], "progress": {}, "results": {}, "stages": {}, "events": []}
+        self.original = TensorPart({})
+        """The LoRA of the original model's SFT (empty when ``original_sft_steps`` is 0), merged into the base."""
 
     # ----- setup -------------------------------------------------------------------------------------------------
     def _load_data(self) -> U2AData:
@@ -101,96 +92,54 @@ class UnlearnRun:
             raise ValueError(f"task {self.task.name!r}: the evaluation needs held-out pairs (tasks.0.test)")
         return data
 
-    def _restore(self) -> Checkpoint | None:
-        if not self.resume:
-            self.checkpointer.clean_stale_tmp()
-            return None
-        self.checkpointer.clean_stale_tmp()
-        ckpt = self.checkpointer.latest()
-        if ckpt is None:
-            if self.resume == "auto":
-                return None
-            raise ResumeError(f"no valid checkpoint in {self.checkpointer.root}")
-        if ckpt.state.get("config_hash") != self.hash:
-            raise ResumeError(f"{ckpt.path}: the config changed since this checkpoint; resume with the same config")
-        return ckpt
+    def _train_original(self, peft: torch.nn.Module) -> None:
+        """SFT of a fresh LoRA on positives' chosen + negatives' rejected (not checkpointed mid-way)."""
+        examples = reindex(tokenize_side(self.data.original, self.tokenizer, self.cfg.data, ("chosen",)))
+        loss = bind_losses([LossTerm(name="sft")], "sft")
+        plan = StagePlan(0, Task("original", []), "sft", loss, self.section.original_sft_lr, 1.0,
+                         max_steps=self.section.original_sft_steps)  # fmt: skip
+        stage = StageContext(
+            model=peft, tokenizer=self.tokenizer, accelerator=self.acc, train=self.cfg.train, data=self.cfg.data,
+            loss=loss, plugins=[], metrics=self.metrics.write, commit=lambda loop: None, method_name="original",
+            steps=self.run.steps,
+        )  # fmt: skip
+        ctx = PluginContext(model=peft, tokenizer=self.tokenizer, task=plan.task, task_index=0, data=self.cfg.data)
+        train_task(peft, examples, plan, stage, ctx)
+        self.original.tensors = lora_state(peft)
 
-    def _original_model(self, base: torch.nn.Module, ckpt: Checkpoint | None) -> torch.nn.Module:
+    def _original_model(self, base: torch.nn.Module) -> torch.nn.Module:
         """The base itself, or the base + an SFT LoRA merged in (U2A's LLaMA-Factory SFT + ``merge.py``)."""
-        steps = self.section.original_sft_steps
-        if steps == 0:
+        if self.section.original_sft_steps == 0:
             return base
         torch.manual_seed(self.cfg.train.seed + 1)
         peft = attach_lora(base, self.cfg.model.lora)
-        saved = ckpt.tensors("original") if ckpt is not None else {}
-        if saved:
-            load_lora_state(peft, saved)
-        else:
-            examples = reindex(tokenize_side(self.data.original, self.tokenizer, self.cfg.data, ("chosen",)))
-            plan = StagePlan(
-                0,
-                Task("original", []),
-                "sft",
-                bind_losses([LossTerm(name="sft")], "sft"),
-                self.section.original_sft_lr,
-                1.0,
-                max_steps=steps,
-            )
-            services = self._services("original")
-            ctx = PluginContext(model=peft, tokenizer=self.tokenizer, task=plan.task, task_index=0, config=self.cfg)
-            train_task(peft, examples, plan, services, ctx)
-            self.state["global_step"] = services.global_step
-        self.original_state = lora_state(peft)
-        if "original" not in self.state["done"]:
-            self.state["done"].append("original")
-            self._save()
+        self.run.phase("original", lambda: self._train_original(peft))
+        load_lora_state(peft, self.original.tensors)
         return peft.merge_and_unload()
 
-    def _services(self, method: str) -> LoopServices:
-        return LoopServices(
-            accelerator=self.acc,
-            tokenizer=self.tokenizer,
-            train_cfg=self.cfg.train,
-            plugins=[],
-            write_metrics=self.metrics.write,
-            save_checkpoint=lambda *a: None,
-            method_name=method,
-            global_step=self.state["global_step"],
-        )
-
     def _setup(self) -> None:
-        from lifealign.models.load import load_model_and_tokenizer
-
         cfg = self.cfg
         self.data = self._load_data()
         self.acc = make_accelerator(cfg)
-        self.checkpointer = Checkpointer(self.dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-        ckpt = self._restore()
         self.metrics = MetricsWriter(self.dir / "metrics.jsonl", enabled=self.acc.is_main_process)
-        self.metrics.truncate_to(ckpt.state["metrics_offset"] if ckpt is not None else 0)
-        if ckpt is not None:
-            self.state = ckpt.state["run"]
+        self.run = Run(self.dir, self.hash, is_main=self.acc.is_main_process, keep=cfg.train.keep_checkpoints,
+                       metrics=self.metrics)  # fmt: skip
+        self.run.register("runner", JsonPart(lambda: self.state, self.state.update))
+        self.run.register("original", self.original)
+        if not self.run.restore(self.resume):
+            self.metrics.truncate_to(0)
         if self.acc.is_main_process:
             write_resolved_config(cfg, self.dir)
-            (self.dir / "data_summary.json").write_text(
-                json.dumps({"task": self.task.name, **self.data.sizes(), "skipped": self.task.skipped}, indent=2)
-            )
+            sizes = {"task": self.task.name, **self.data.sizes(), "skipped": self.task.skipped}
+            (self.dir / "data_summary.json").write_text(json.dumps(sizes, indent=2))
         base, self.tokenizer = load_model_and_tokenizer(cfg.model)
-        base = self._original_model(base, ckpt)
+        base = self._original_model(base)
         torch.manual_seed(cfg.train.seed)
         model = attach_lora(base, cfg.model.lora)
         self.init_adapter = lora_state(model)
         self.model = self.acc.prepare(model)
         self.unwrapped = self.acc.unwrap_model(self.model)
-        if ckpt is not None:
-            load_lora_state(self.unwrapped, ckpt.tensors("adapter"))
-            if ckpt.state.get("loop"):
-                self._loop_resume = {
-                    **ckpt.state["loop"],
-                    "optimizer": ckpt.optimizer_state(),
-                    "ref_logps": ckpt.tensors("loop").get("ref_logps"),
-                    "phase": ckpt.state["position"]["phase"],
-                }
+        self.run.register("adapter", AdapterPart(self.unwrapped))
         self._prepare_sets()
 
     def _prepare_sets(self) -> None:
@@ -223,70 +172,26 @@ class UnlearnRun:
             task=self.task,
             task_index=0,
             stage="unlearn",
-            config=cfg,
-            extras={"accelerator": self.acc},
+            data=cfg.data,
+            autocast=self.acc.autocast,
+            rank=self.acc.process_index,
+            world_size=self.acc.num_processes,
         )
 
-    # ----- checkpoints and phases --------------------------------------------------------------------------------
-    def _save(
-        self,
-        loop_state: dict[str, Any] | None = None,
-        loop_tensors: dict[str, torch.Tensor] | None = None,
-        optimizer_state: dict[str, Any] | None = None,
-    ) -> None:
-        if not self.acc.is_main_process:
-            return
-        state = {
-            "config_hash": self.hash,
-            "position": self.position,
-            "run": self.state,
-            "loop": loop_state,
-            "metrics_offset": self.metrics.offset,
-        }
-        tensors = {
-            "adapter": lora_state(self.unwrapped) if self.model is not None else {},
-            "original": self.original_state,
-            "loop": loop_tensors or {},
-        }
-        self.checkpointer.save(nan_to_null(state), {k: v for k, v in tensors.items() if v}, optimizer_state)
-
-    def _phase(self, key: str, fn: Any) -> None:
-        if key in self.state["done"]:
-            return
-        self.position = {"phase": key}
-        fn()
-        self.state["done"].append(key)
-        self.position = {"phase": key, "finished": True}
-        self._save()
-
+    # ----- methods ------------------------------------------------------------------------------------------------
     def _start(self, method: str) -> None:
         """A method starts from the shared initial adapter (unless a checkpoint of this method was restored)."""
         if method not in self.state["started"]:
             load_lora_state(self.unwrapped, self.init_adapter)
             self.state["started"].append(method)
 
-    def _take_loop_resume(self, phase: str) -> dict[str, Any] | None:
-        if self._loop_resume is not None and self._loop_resume.get("phase") == phase:
-            resume, self._loop_resume = self._loop_resume, None
-            return resume
-        return None
-
-    def _solver(self, method: str) -> InnerSolver:
-        services = self._services(method)
-
-        def save_checkpoint(loop_state: dict[str, Any], loop_tensors: dict[str, torch.Tensor], opt: Any) -> None:
-            self.state["global_step"] = services.global_step
-            self.position = {"phase": method, "stage_step": loop_state["stage_step"]}
-            self._save(loop_state, loop_tensors, opt)
-
-        return InnerSolver(
-            model=self.model,
-            services=services,
-            ctx=self.ctx,
-            task_index=0,
-            lr=inner_lr(self.section, self.cfg.train),
-            save_checkpoint=save_checkpoint,
-        )
+    def _solver(self, method: str, loss: CombinedLoss) -> InnerSolver:
+        stage = StageContext(
+            model=self.model, tokenizer=self.tokenizer, accelerator=self.acc, train=self.cfg.train, data=self.cfg.data,
+            loss=loss, plugins=[], metrics=self.metrics.write, commit=self.run.commit,
+            take_resume=self.run.take_resume, method_name=method, steps=self.run.steps,
+        )  # fmt: skip
+        return InnerSolver(stage=stage, ctx=self.ctx, task_index=0, lr=inner_lr(self.section, self.cfg.train))
 
     def _plugins(self, objective: str, label: str) -> list[Plugin]:
         train = self.cfg.train
@@ -303,11 +208,10 @@ class UnlearnRun:
             label=label,
         )
 
-    # ----- methods -----------------------------------------------------------------------------------------------
     def _run_u2a(self) -> None:
         self._start("u2a")
         loss = forget_loss(self.section)
-        solver = self._solver("u2a")
+        solver = self._solver("u2a", loss)
         procedure = U2A(
             self.section,
             self.cfg.train,
@@ -324,14 +228,13 @@ class UnlearnRun:
 
         def commit(progress: U2AProgress) -> None:
             self.state["progress"]["u2a"] = progress.to_json()
-            self.state["global_step"] = solver.services.global_step
-            self._save()
+            self.run.commit()
 
         progress = procedure.run(
             inputs,
             U2AProgress.from_json(self.state["progress"].get("u2a")),
             commit,
-            resume_loop=lambda: self._take_loop_resume("u2a"),
+            resume_loop=self.run.take_resume,
         )
         n_selected = len(progress.selected) or choose_k(len(self.candidates), self.section.k, self.section.k_fraction)
         self.state["budget"] = u2a_budget(self.section, self.cfg.train, n_selected)
@@ -342,26 +245,27 @@ class UnlearnRun:
 
     def _run_baseline(self, name: str) -> None:
         self._start(name)
-        job = BASELINES[name](
+        job = baseline_job(
+            name,
             BaselineContext(
                 self.section,
                 self.candidates,
                 self.preference,
                 self.state["progress"]["u2a"]["selected"],
                 self.cfg.train.seed,
-            )
+            ),
         )
         if job.empty:
             self.state["results"][name] = {"skipped": "U2A selected no candidate, so there is no subset of its size"}
             return
         plugins = self._plugins(job.objective, name) if job.objective else []
-        outcome = self._solver(name).solve(
+        outcome = self._solver(name, job.loss).solve(
             Task(name, []),
             job.examples,
             job.loss,
             max_steps=self.state["budget"],
             plugins=plugins,
-            resume=self._take_loop_resume(name),
+            resume=self.run.take_resume(),
         )
         self.state["stages"][name] = {
             "steps": outcome.steps,
@@ -394,14 +298,15 @@ class UnlearnRun:
 
     # ----- the run -----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        bind_config(self.cfg)
         preflight_output_dir(self.dir)
         self._setup()
-        self._phase("eval:original", lambda: self._evaluate("original"))
-        self._phase("u2a", self._run_u2a)
-        self._phase("eval:u2a", lambda: self._evaluate("u2a"))
+        self.run.phase("eval:original", lambda: self._evaluate("original"))
+        self.run.phase("u2a", self._run_u2a)
+        self.run.phase("eval:u2a", lambda: self._evaluate("u2a"))
         for name in self.section.baselines:
-            self._phase(name, lambda name=name: self._run_baseline(name))
-            self._phase(f"eval:{name}", lambda name=name: self._evaluate(name))
+            self.run.phase(name, lambda name=name: self._run_baseline(name))
+            self.run.phase(f"eval:{name}", lambda name=name: self._evaluate(name))
         results = self.results()
         if self.acc.is_main_process:
             write_unlearn_outputs(self.dir, results)
@@ -439,3 +344,9 @@ class UnlearnRun:
             "baseline_events": self.state["events"],
             "scores": {"ids": ids, "values": progress.scores or []},
         }
+
+
+def run_unlearning(cfg: RunConfig, out_dir: str | Path | None = None, resume: bool | str = False) -> dict[str, Any]:
+    """``lifealign unlearn``: U2A and the configured baselines on ``cfg.tasks[0]``; returns the results with a
+    ``"table"`` (method -> metrics) and writes ``results.json``, ``report.md`` and the figures to the run folder."""
+    return UnlearnRun(cfg, Path(out_dir or cfg.output_dir), resume=resume).run()

@@ -7,11 +7,9 @@ right type, and the function's own range checks, reporting every problem of a te
 
 from __future__ import annotations
 
-import inspect
 import math
-import typing
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +22,7 @@ from lifealign.losses.logps import implicit_reward, sequence_logps, token_logps
 from lifealign.losses.sft import sft_loss
 from lifealign.losses.spec import BoundLoss, LossInputs, LossOutput, LossSpec, weighted_mean
 from lifealign.losses.unlearn import ga_loss, grad_diff_loss, npo_loss, simnpo_loss
+from lifealign.utils.kwargs import bind_kwargs
 
 if TYPE_CHECKING:
     from lifealign.config.schema import LossTerm
@@ -37,6 +36,7 @@ __all__ = [
     "LossSpec",
     "bind_loss",
     "bind_losses",
+    "unlearning_objectives",
     "implicit_reward",
     "sequence_logps",
     "token_logps",
@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 _PAIR = ("chosen", "rejected")
+_FORGET = ("rejected",)
 
 LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(dpo_loss, needs_reference=True, paired=True, uses=_PAIR),
@@ -51,47 +52,13 @@ LOSSES: dict[str, LossSpec] = {
     "hinge": LossSpec(hinge_loss, needs_reference=True, paired=True, uses=_PAIR),
     "fpo": LossSpec(fpo_loss, needs_reference=True, paired=True, uses=_PAIR),
     "sft": LossSpec(sft_loss, needs_reference=False, paired=False, uses=("chosen",)),
-    "ga": LossSpec(ga_loss, needs_reference=False, paired=False, uses=("rejected",)),
-    "grad_diff": LossSpec(grad_diff_loss, needs_reference=False, paired=False, uses=_PAIR),
-    "npo": LossSpec(npo_loss, needs_reference=True, paired=False, uses=("rejected",)),
-    "simnpo": LossSpec(simnpo_loss, needs_reference=False, paired=False, uses=("rejected",)),
+    "ga": LossSpec(ga_loss, needs_reference=False, paired=False, uses=_FORGET, forget_as="ga"),
+    "grad_diff": LossSpec(
+        grad_diff_loss, needs_reference=False, paired=False, uses=_PAIR, forget_as="ga", retain_term=True
+    ),
+    "npo": LossSpec(npo_loss, needs_reference=True, paired=False, uses=_FORGET, forget_as="npo"),
+    "simnpo": LossSpec(simnpo_loss, needs_reference=False, paired=False, uses=_FORGET, forget_as="simnpo"),
 }
-
-
-def _keyword_params(fn: Any) -> dict[str, Any]:
-    """Keyword-only parameters of ``fn`` mapped to their resolved type annotations."""
-    hints = typing.get_type_hints(fn)
-    params = inspect.signature(fn).parameters.values()
-    return {p.name: hints.get(p.name, Any) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
-def _coerce(value: Any, annotation: Any) -> Any:
-    """``value`` converted to ``annotation`` (float, int, bool, str or a Literal); ``TypeError`` when it is not one."""
-    if typing.get_origin(annotation) is Literal:
-        if value not in typing.get_args(annotation):
-            raise TypeError(f"must be one of {list(typing.get_args(annotation))}, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"must be true or false, got {value!r}")
-        return value
-    if annotation is float:
-        # PyYAML reads `1e-3` as a string; accept numeric strings as the config schema does.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise TypeError(f"must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise TypeError(f"must be a finite number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"must be an integer, got {value!r}")
-        return value
-    if annotation is str and not isinstance(value, str):
-        raise TypeError(f"must be a string, got {value!r}")
-    return value
 
 
 def _dry_run_error(spec: LossSpec, kwargs: dict[str, Any]) -> str | None:
@@ -115,27 +82,18 @@ def _dry_run_error(spec: LossSpec, kwargs: dict[str, Any]) -> str | None:
 def bind_loss(term: LossTerm, path: str = "loss") -> BoundLoss:
     """Check ``term`` against ``LOSSES`` and the function's signature; ``ValueError`` listing every problem.
 
-    Each problem is named by its key path, ``<path>.<key>`` (``loss.gamma``). Numeric strings are converted for
-    float parameters. Range checks are the losses' own (``ValueError`` whose message starts with the parameter
-    name), run once on a one-example dummy input.
+    Each problem is named by its key path, ``<path>.<key>`` (``loss.gamma``), with the numeric coercion of
+    ``lifealign.utils.kwargs``. Range checks are the losses' own (``ValueError`` whose message starts with the
+    parameter name), run once on a one-example dummy input.
     """
     if term.name not in LOSSES:
         raise ValueError(f"{path}.name: unknown loss {term.name!r}; available: {', '.join(sorted(LOSSES))}")
     spec = LOSSES[term.name]
-    params = _keyword_params(spec.fn)
     errors: list[str] = []
     if not (math.isfinite(term.weight) and term.weight >= 0):
         errors.append(f"{path}.weight: must be a finite number >= 0, got {term.weight}")
-    kwargs: dict[str, Any] = {}
-    for key, value in term.kwargs.items():
-        if key not in params:
-            accepted = ", ".join(params) or "none"
-            errors.append(f"{path}.{key}: not a parameter of loss {term.name!r} (accepted: {accepted})")
-            continue
-        try:
-            kwargs[key] = _coerce(value, params[key])
-        except TypeError as err:
-            errors.append(f"{path}.{key}: {err}")
+    kwargs, problems = bind_kwargs(spec.fn, term.kwargs, path, f"loss {term.name!r}", keyword_only=True)
+    errors += problems
     if not errors and (message := _dry_run_error(spec, kwargs)):
         # Range errors raised by the losses start with the parameter's name: "beta must be > 0, got 0".
         errors.append(f"{path}.{message}")
@@ -156,3 +114,8 @@ def bind_losses(terms: Sequence[LossTerm], path: str = "method.loss") -> Combine
     if errors:
         raise ValueError("\n".join(errors))
     return CombinedLoss(bound)
+
+
+def unlearning_objectives() -> dict[str, LossSpec]:
+    """The losses that name an unlearning objective (``LossSpec.forget_as`` set), in registry order."""
+    return {name: spec for name, spec in LOSSES.items() if spec.forget_as is not None}

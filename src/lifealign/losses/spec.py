@@ -59,6 +59,12 @@ class LossSpec:
     """Uses both chosen and rejected of a pair (DPO family). False for SFT (chosen only) and GA/NPO (rejected only)."""
     uses: tuple[Literal["chosen", "rejected"], ...] = ("chosen", "rejected")
     """Which response sides the loss reads, so the loop only runs the forwards it needs."""
+    forget_as: str | None = None
+    """Set on unlearning losses: the registry loss applied to each forget (negative) response when this loss names
+    an unlearning objective (U2A's inner problem, a negative-only task, a full-set baseline). Itself for GA, NPO and
+    SimNPO; ``ga`` for GradDiff, whose retain part is a separate term on retain sequences (``retain_term``)."""
+    retain_term: bool = False
+    """As an unlearning objective, the loss also pulls the model toward retain sequences (GradDiff)."""
 
 
 def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,14 +18,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from lifealign.config.schema import TrainSection
+from lifealign.config.schema import DataSection, TrainSection
 from lifealign.data.collate import collate_pairs
 from lifealign.data.records import Task
 from lifealign.losses.combine import CombinedLoss
 from lifealign.training.faults import maybe_fault
-from lifealign.training.forward import batch_logps, compute_reference_logps, loss_inputs, reference_policy
+from lifealign.training.forward import batch_logps, compute_reference_logps, reference_policy
 from lifealign.training.interrupt import RunInterrupted, stop_requested
 from lifealign.training.plugin import Plugin, PluginContext
+from lifealign.training.step import forward_loss
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +65,59 @@ class StageResult:
 
 
 @dataclass
-class LoopServices:
-    """What the loop needs from the run around it: the accelerator, plugins, metrics, and a checkpoint callback."""
+class LoopCheckpoint:
+    """The loop's share of a mid-stage checkpoint: its JSON state, tensors (cached reference log-probs) and the
+    optimizer state; the run adds adapter, plugin and run state when it commits."""
 
-    accelerator: Any
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+
+
+@dataclass
+class StepCounter:
+    """The run's optimizer-step count across stages (``global_step`` in metrics); shared by reference."""
+
+    value: int = 0
+
+
+def _no_resume() -> dict[str, Any] | None:
+    return None
+
+
+@dataclass
+class StageContext:
+    """What a stage gets from the run around it: the model and its accelerator, the method's bound loss and plugins,
+    the reference policy, the data and training sections, metrics, and the run's ``commit`` / ``take_resume``.
+
+    ``commit(loop)`` commits the whole run (the run adds adapter, plugin and run state to the loop's share);
+    ``take_resume()`` hands out, once, the loop state of a checkpoint taken inside this stage (None otherwise).
+    """
+
+    model: torch.nn.Module
+    """The model as the accelerator prepared it (wrapped under DDP/FSDP)."""
     tokenizer: Any
-    train_cfg: TrainSection
+    accelerator: Any
+    train: TrainSection
+    data: DataSection
+    loss: CombinedLoss
+    """The method's loss (the preference and unlearning stages train it; plugins read it)."""
     plugins: list[Plugin]
-    write_metrics: Callable[[dict[str, Any]], None]
-    save_checkpoint: Callable[[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]], None]
-    """``save_checkpoint(loop_state, loop_tensors, optimizer_state)``: the runner adds adapter and plugin state."""
+    metrics: Callable[[dict[str, Any]], None]
+    commit: Callable[[LoopCheckpoint | None], None]
+    take_resume: Callable[[], dict[str, Any] | None] = _no_resume
+    reference_state: dict[str, torch.Tensor] | None = None
+    """Adapter state of the ``previous`` reference policy; None = the base model (adapter disabled)."""
     method_name: str = ""
-    global_step: int = 0
+    steps: StepCounter = field(default_factory=StepCounter)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
+        return self.accelerator.autocast
 
 
 def total_steps(
@@ -167,11 +209,177 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.stack(grads).norm() if grads else torch.tensor(0.0)
 
 
+@dataclass
+class _StageState:
+    """The loop's mutable state within one stage (what a mid-stage checkpoint saves)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: int
+    seed: int
+    start_step: int = 0
+    skipped: int = 0
+    consecutive: int = 0
+    ref_logps: torch.Tensor | None = None
+
+    def checkpoint(self, step: int) -> LoopCheckpoint:
+        state = {
+            "stage_step": step,
+            "nonfinite_skipped": self.skipped,
+            "consecutive_nonfinite": self.consecutive,
+            "scheduler": self.scheduler.state_dict(),
+            "total_steps": self.steps,
+        }
+        tensors = {"ref_logps": self.ref_logps} if self.ref_logps is not None else {}
+        return LoopCheckpoint(state, tensors, self.optimizer.state_dict())
+
+
+def _start_stage(
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    plan: StagePlan,
+    stage: StageContext,
+    resume: dict[str, Any] | None,
+) -> _StageState:
+    """AdamW + cosine schedule with warm-up for the stage's steps, restored from ``resume``; the cached reference
+    log-probs (computed once per stage, or taken from the checkpoint)."""
+    acc, cfg = stage.accelerator, stage.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = total_steps(len(examples), plan.epochs, plan.max_steps, cfg.batch_size, cfg.grad_accum, acc.num_processes)
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    state = _StageState(optimizer, scheduler, steps, stage_seed(cfg.seed, plan.task_index, plan.stage))
+    if resume is not None:
+        state.start_step, state.skipped = resume["stage_step"], resume["nonfinite_skipped"]
+        state.consecutive = resume.get("consecutive_nonfinite", 0)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        state.ref_logps = resume.get("ref_logps")
+    if plan.loss.needs_reference and cfg.cache_reference and state.ref_logps is None:
+        state.ref_logps = compute_reference_logps(
+            stage.unwrapped,
+            examples,
+            stage.tokenizer.pad_token_id,
+            plan.loss.uses,
+            lambda: reference_policy(stage.unwrapped, plan.reference_state),
+            cfg.batch_size,
+            acc.autocast,
+        )
+    return state
+
+
+def _reference_rows(
+    stage: StageContext, plan: StagePlan, state: _StageState, batch: dict[str, Any], idx: list[int]
+) -> torch.Tensor | None:
+    """``(B, len(sides))`` reference log-probs of a micro-batch: cached rows, or a no-grad forward of the reference.
+
+    The uncached forward runs before the policy forward: a swapped-in reference adapter must not alter saved tensors.
+    """
+    if not plan.loss.needs_reference:
+        return None
+    if state.ref_logps is not None:
+        return state.ref_logps[idx]
+    model = stage.unwrapped
+    with torch.no_grad(), reference_policy(model, plan.reference_state), stage.accelerator.autocast():
+        r = batch_logps(model, batch)
+    return torch.stack([r[f"{s}_logps"].float() for s in plan.loss.uses], dim=1)
+
+
+@dataclass
+class _StepOutcome:
+    means: _Means
+    finite: bool = True
+    stop_event: dict[str, Any] | None = None
+
+
+def _accumulate(
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    plan: StagePlan,
+    stage: StageContext,
+    ctx: PluginContext,
+    state: _StageState,
+    step: int,
+    stoppers: list[Plugin],
+) -> _StepOutcome:
+    """The ``grad_accum`` micro-batches of one optimizer step: loss (+ plugin terms), stop requests, backward."""
+    acc, cfg = stage.accelerator, stage.train
+    out = _StepOutcome(_Means())
+    for a in range(cfg.grad_accum):
+        idx = micro_batch_indices(
+            len(examples), state.seed, step, a, cfg.grad_accum, cfg.batch_size, acc.process_index, acc.num_processes
+        )
+        batch = collate_pairs([examples[i] for i in idx], stage.tokenizer.pad_token_id, sides=plan.loss.uses)
+        sync = acc.no_sync(model) if a < cfg.grad_accum - 1 else contextlib.nullcontext()
+        with sync:
+            ref = _reference_rows(stage, plan, state, batch, idx)
+            weights = plan.example_weights[idx] if plan.example_weights is not None else None
+            result = forward_loss(model, batch, plan.loss, ref, weights, acc.autocast)
+            total, parts = result.total, result.parts
+            for plugin in stage.plugins:
+                term = plugin.extra_loss(ctx, batch, {"policy": result.policy, "inputs": result.inputs, "loss": total})
+                if term is not None:
+                    total = total + term
+                    parts[f"loss/{plugin.name}"] = term
+            if stoppers:
+                outputs = {"policy": result.policy, "inputs": result.inputs, "loss": total}
+                out.stop_event = _stop_event(acc, stoppers, ctx, batch, outputs)
+                if out.stop_event is not None:
+                    return out
+            if maybe_fault("loss", task=plan.task_index, stage=plan.stage, step=step):
+                total = total * float("nan")
+            out.means.add("loss", total)
+            if not torch.isfinite(total):
+                out.finite = False
+                break
+            acc.backward(total / cfg.grad_accum)
+        for key, value in parts.items():
+            out.means.add(key if key.startswith("loss/") else f"loss/{key}", value)
+        _record_pair_metrics(out.means, result.primary, result.policy)
+    return out
+
+
+def _edit_and_clip(
+    model: torch.nn.Module, stage: StageContext, ctx: PluginContext, finite: bool
+) -> tuple[bool, torch.Tensor]:
+    """Agree on finiteness across ranks; then the plugins' gradient edits and clipping with a finite-norm check."""
+    acc, cfg = stage.accelerator, stage.train
+    finite = _all_ranks_true(acc, finite)
+    grad_norm = torch.tensor(float("nan"))
+    if not finite:
+        return False, grad_norm
+    for plugin in stage.plugins:
+        plugin.after_backward(ctx)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.max_grad_norm is not None:
+        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+    else:
+        grad_norm = _grad_norm(params)
+    return _all_ranks_true(acc, bool(torch.isfinite(torch.as_tensor(grad_norm)).item())), grad_norm
+
+
+def _step_record(
+    stage: StageContext, plan: StagePlan, state: _StageState, step: int, finite: bool, lr: float, grad_norm: Any
+) -> dict[str, Any]:
+    return {
+        "event": "step" if finite else "nonfinite_skipped",
+        "method": stage.method_name,
+        "task": plan.task.name,
+        "task_index": plan.task_index,
+        "stage": plan.stage,
+        "step": step + 1,
+        "global_step": stage.steps.value,
+        "learning_rate": lr,
+        "grad_norm": float(grad_norm),
+        "nonfinite_skipped": state.skipped,
+    }
+
+
 def train_task(
     model: torch.nn.Module,
     examples: list[dict[str, Any]],
     plan: StagePlan,
-    services: LoopServices,
+    stage: StageContext,
     ctx: PluginContext,
     resume: dict[str, Any] | None = None,
 ) -> StageResult:
@@ -182,161 +390,66 @@ def train_task(
     ``after_backward`` (gradient edits) → gradient clipping and a finite-norm check → AdamW + cosine schedule.
     A non-finite loss or gradient skips the update entirely (no optimizer or scheduler step) and is counted.
     """
-    acc, cfg = services.accelerator, services.train_cfg
-    pad_id = services.tokenizer.pad_token_id
-    sides = plan.loss.uses
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps = total_steps(len(examples), plan.epochs, plan.max_steps, cfg.batch_size, cfg.grad_accum, acc.num_processes)
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
-    seed = stage_seed(cfg.seed, plan.task_index, plan.stage)
-    ctx.optimizer, ctx.stage = optimizer, plan.stage
-
-    def reference() -> contextlib.AbstractContextManager:
-        return reference_policy(acc.unwrap_model(model), plan.reference_state)
-
-    start_step, skipped, consecutive = 0, 0, 0
-    ref_logps: torch.Tensor | None = None
-    if resume is not None:
-        start_step, skipped = resume["stage_step"], resume["nonfinite_skipped"]
-        consecutive = resume.get("consecutive_nonfinite", 0)
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        ref_logps = resume.get("ref_logps")
-    if plan.loss.needs_reference and cfg.cache_reference and ref_logps is None:
-        ref_logps = compute_reference_logps(
-            acc.unwrap_model(model), examples, pad_id, sides, reference, cfg.batch_size, acc.autocast
-        )
-    for plugin in services.plugins:
+    acc, cfg = stage.accelerator, stage.train
+    state = _start_stage(model, examples, plan, stage, resume)
+    ctx.optimizer, ctx.stage = state.optimizer, plan.stage
+    for plugin in stage.plugins:
         plugin.before_stage(ctx)
-
-    def checkpoint(step: int) -> None:
-        state = {
-            "stage_step": step,
-            "nonfinite_skipped": skipped,
-            "consecutive_nonfinite": consecutive,
-            "scheduler": scheduler.state_dict(),
-            "total_steps": steps,
-        }
-        tensors = {"ref_logps": ref_logps} if ref_logps is not None else {}
-        services.save_checkpoint(state, tensors, optimizer.state_dict())
-
-    stoppers = _stoppers(services.plugins)
+    stoppers = _stoppers(stage.plugins)
     stop_event: dict[str, Any] | None = None
     model.train()
     bar = tqdm(
-        range(start_step, steps),
-        initial=start_step,
-        total=steps,
-        desc=f"{plan.task.name}/{plan.stage}",
+        range(state.start_step, state.steps),
+        initial=state.start_step,
+        total=state.steps,
+        desc=f"{stage.method_name + ' ' if stage.method_name else ''}{plan.task.name}/{plan.stage}",
         disable=not (cfg.progress and acc.is_main_process),
         leave=False,
     )
     metrics: dict[str, float] = {}
     for step in bar:
         maybe_fault("step", task=plan.task_index, stage=plan.stage, step=step)
-        optimizer.zero_grad(set_to_none=True)
-        means, finite = _Means(), True
-        for a in range(cfg.grad_accum):
-            idx = micro_batch_indices(
-                len(examples), seed, step, a, cfg.grad_accum, cfg.batch_size, acc.process_index, acc.num_processes
-            )
-            batch = collate_pairs([examples[i] for i in idx], pad_id, sides=sides)
-            sync = acc.no_sync(model) if a < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                ref = None
-                if plan.loss.needs_reference:
-                    if ref_logps is not None:
-                        ref = ref_logps[idx]
-                    else:  # before the policy forward: a swapped-in reference adapter must not alter saved tensors
-                        with torch.no_grad(), reference(), acc.autocast():
-                            r = batch_logps(acc.unwrap_model(model), batch)
-                        ref = torch.stack([r[f"{s}_logps"].float() for s in sides], dim=1)
-                with acc.autocast():
-                    policy = batch_logps(model, batch)
-                inputs = loss_inputs(policy, ref, sides)
-                weights = plan.example_weights[idx] if plan.example_weights is not None else None
-                total, parts, primary = plan.loss(inputs, weights=weights)
-                for plugin in services.plugins:
-                    term = plugin.extra_loss(ctx, batch, {"policy": policy, "inputs": inputs, "loss": total})
-                    if term is not None:
-                        total = total + term
-                        parts[f"loss/{plugin.name}"] = term
-                if stoppers:
-                    outputs = {"policy": policy, "inputs": inputs, "loss": total}
-                    stop_event = _stop_event(acc, stoppers, ctx, batch, outputs)
-                    if stop_event is not None:
-                        break
-                if maybe_fault("loss", task=plan.task_index, stage=plan.stage, step=step):
-                    total = total * float("nan")
-                means.add("loss", total)
-                if not torch.isfinite(total):
-                    finite = False
-                    break
-                acc.backward(total / cfg.grad_accum)
-            for key, value in parts.items():
-                means.add(key if key.startswith("loss/") else f"loss/{key}", value)
-            _record_pair_metrics(means, primary, policy)
-        if stop_event is not None:
-            optimizer.zero_grad(set_to_none=True)  # the micro-batches already backpropagated are not applied
+        state.optimizer.zero_grad(set_to_none=True)
+        outcome = _accumulate(model, examples, plan, stage, ctx, state, step, stoppers)
+        if outcome.stop_event is not None:
+            stop_event = outcome.stop_event
+            state.optimizer.zero_grad(set_to_none=True)  # the micro-batches already backpropagated are not applied
             break
-        finite = _all_ranks_true(acc, finite)
-        grad_norm = torch.tensor(float("nan"))
+        finite, grad_norm = _edit_and_clip(model, stage, ctx, outcome.finite)
+        lr_used = state.scheduler.get_last_lr()[0]
         if finite:
-            for plugin in services.plugins:
-                plugin.after_backward(ctx)
-            if cfg.max_grad_norm is not None:
-                grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            else:
-                grad_norm = _grad_norm(params)
-            finite = _all_ranks_true(acc, bool(torch.isfinite(torch.as_tensor(grad_norm)).item()))
-        lr_used = scheduler.get_last_lr()[0]
-        if finite:
-            optimizer.step()
-            scheduler.step()
-            consecutive = 0
+            state.optimizer.step()
+            state.scheduler.step()
+            state.consecutive = 0
         else:
-            optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            consecutive += 1
+            state.optimizer.zero_grad(set_to_none=True)
+            state.skipped += 1
+            state.consecutive += 1
             logger.warning(
                 "non-finite loss or gradient at %s/%s step %d: update skipped", plan.task.name, plan.stage, step
             )
-        services.global_step += 1
-        metrics = means.result()
-        record = {
-            "event": "step" if finite else "nonfinite_skipped",
-            "method": services.method_name,
-            "task": plan.task.name,
-            "task_index": plan.task_index,
-            "stage": plan.stage,
-            "step": step + 1,
-            "global_step": services.global_step,
-            "learning_rate": lr_used,
-            "grad_norm": float(grad_norm),
-            "nonfinite_skipped": skipped,
-            **metrics,
-        }
-        if acc.is_main_process and ((step + 1) % cfg.log_every == 0 or not finite or step + 1 == steps):
-            services.write_metrics(record)
+        stage.steps.value += 1
+        metrics = outcome.means.result()
+        if acc.is_main_process and ((step + 1) % cfg.log_every == 0 or not finite or step + 1 == state.steps):
+            stage.metrics({**_step_record(stage, plan, state, step, finite, lr_used, grad_norm), **metrics})
         bar.set_postfix(
             loss=f"{metrics.get('loss', float('nan')):.4f}",
             acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
         )
-        if consecutive >= cfg.max_consecutive_nonfinite:
+        if state.consecutive >= cfg.max_consecutive_nonfinite:
             raise NonFiniteLossError(
-                f"non-finite loss for {consecutive} consecutive steps at task {plan.task.name!r} "
+                f"non-finite loss for {state.consecutive} consecutive steps at task {plan.task.name!r} "
                 f"(index {plan.task_index}), stage {plan.stage}, step {step + 1}; the last committed checkpoint "
                 "is intact — lower train.lr or check the data"
             )
         signum = stop_requested()
-        if signum is not None and step + 1 < steps:
-            checkpoint(step + 1)
+        if signum is not None and step + 1 < state.steps:
+            stage.commit(state.checkpoint(step + 1))
             raise RunInterrupted(signum, f"at task {plan.task.name!r}, stage {plan.stage}, step {step + 1}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-            checkpoint(step + 1)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < state.steps:
+            stage.commit(state.checkpoint(step + 1))
     bar.close()
-    for plugin in services.plugins:
+    for plugin in stage.plugins:
         plugin.after_stage(ctx)
-    ran = step if stop_event is not None else steps
-    return StageResult(steps=ran, nonfinite_skipped=skipped, last_metrics=metrics, stopped=stop_event)
+    ran = step if stop_event is not None else state.steps
+    return StageResult(steps=ran, nonfinite_skipped=state.skipped, last_metrics=metrics, stopped=stop_event)

@@ -1,10 +1,11 @@
 """The plugin contract: a continual method hooks into the one loop at a small, fixed set of named points.
 
-Hooks, in the order the stream runner and ``train_task`` call them for each task:
+Hooks, in the order the run and ``train_task`` call them for each task:
 
-1. ``before_task(ctx)``                      the runner, before any stage of task ``ctx.task_index``
-2. ``train_data(ctx, records) -> records``  the runner, per stage: the records to train on (Replay mixes its buffer)
-3. ``before_stage(ctx)``                     ``train_task``, after the optimizer is built (``ctx.stage`` is ``sft``/``pref``)
+1. ``before_task(ctx)``                      the run, before any stage of task ``ctx.task_index``
+2. ``train_data(ctx, records) -> records``  the run, per stage: the records to train on (Replay mixes its buffer)
+3. ``before_stage(ctx)``                     ``train_task``, after the optimizer is built (``ctx.stage`` is
+   ``sft``/``pref``/``unlearn``)
 4. ``extra_loss(ctx, batch, out) -> Tensor | None``  every micro-batch; the returned term is added and logged
    as ``loss/<plugin name>``
 5. ``stop_request(ctx, batch, out) -> event | None``  every micro-batch, before its backward; an event ends the
@@ -13,37 +14,70 @@ Hooks, in the order the stream runner and ``train_task`` call them for each task
    clipping (gradient edits: GEM/A-GEM projection)
 7. ``after_stage(ctx)``                      ``train_task``, after the last step of the stage, or the stopping one
    (SLMC consolidation)
-8. ``after_task(ctx)``                       the runner, after the last stage of the task (buffer update, Fisher)
+8. ``after_task(ctx)``                       the run, after the last stage of the task (buffer update, Fisher)
 
-``state_dict``/``load_state_dict`` make a plugin resumable: tensors go to safetensors, the rest to JSON.
-Every hook is a no-op by default; a method overrides only what it needs.
+Besides the hooks, a plugin declares:
+
+- ``state_dict``/``load_state_dict``: everything needed to resume exactly (tensors to safetensors, the rest JSON);
+- ``report() -> dict``: JSON-able diagnostics the run writes to ``run_info.json`` (buffer sizes, Fisher statistics,
+  SLMC kept energy, ...);
+- ``close()``: release what the plugin attached to the shared model (forward hooks, extra modules), called by the
+  run when the method is finished, before the next method starts on the same model.
+
+Every hook is a no-op by default; a method overrides only what it needs. A plugin reads the run only through
+:class:`PluginContext`, whose fields are all typed; it writes nothing into it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from lifealign.config.schema import DataSection
 from lifealign.data.records import PreferencePair, Task
+
+if TYPE_CHECKING:
+    from lifealign.losses.combine import CombinedLoss
+
+
+TrainingStage = Literal["sft", "pref"]
+"""A stage that trains on a task's records with the method's loss (plugins list the ones they act in)."""
+TRAINING_STAGES: tuple[TrainingStage, ...] = ("sft", "pref")
+
+
+def _no_autocast() -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclass
 class PluginContext:
-    """What a hook may read: the model, the tokenizer, the current task and stage, and the loop's knobs."""
+    """What a hook may read: the model, the tokenizer, the current task and stage, the method's loss, the run's
+    tokenisation policy and precision, and this process's place among the ranks."""
 
     model: torch.nn.Module
+    """The (unwrapped) peft model being trained."""
     tokenizer: Any
     task: Task
     task_index: int
     stage: str = "pref"
     seen_tasks: list[Task] = field(default_factory=list)
+    """Tasks ``0..task_index`` of the stream."""
+    n_tasks: int = 1
+    """Number of tasks in the stream (a plugin may skip work after the last one)."""
     optimizer: torch.optim.Optimizer | None = None
-    config: Any = None
-    rng: torch.Generator | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Free-form values a runner passes to plugins (e.g. the loss callable for Fisher estimation)."""
+    """The current stage's optimizer (set by ``train_task``)."""
+    loss: CombinedLoss | None = None
+    """The method's bound loss (EWC's Fisher, GEM's memory gradients and CPPO's per-example terms use it)."""
+    data: DataSection = field(default_factory=DataSection)
+    """Tokenisation policy, for plugins that tokenise records of their own (EWC samples, GEM memory)."""
+    autocast: Callable[[], contextlib.AbstractContextManager] = _no_autocast
+    """The run's mixed-precision context (``accelerator.autocast``)."""
+    rank: int = 0
+    world_size: int = 1
 
 
 class Plugin:
@@ -83,3 +117,10 @@ class Plugin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def report(self) -> dict[str, Any]:
+        """JSON-able diagnostics for ``run_info.json`` (empty by default)."""
+        return {}
+
+    def close(self) -> None:
+        """Release hooks or modules attached to the shared model (nothing by default)."""

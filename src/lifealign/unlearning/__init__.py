@@ -5,9 +5,9 @@ unlearning on the one training loop, baselines, ``lifealign unlearn`` and the ne
   (``fast_scores``), the per-example reference (``naive_scores``), LiSSA / conjugate gradient.
 - ``selection.py``: the sign convention (``dJ/dw_i = -s_i``), top-k, exponentiated-gradient weights.
 - ``inner.py`` + ``plugins.py``: one weighted solve through ``train_task``; regulariser, retain term, stop rule.
-- ``u2a.py``: the bi-level procedure and ``run_unlearning`` (``runner.py``, ``baselines.py``, ``evaluate.py``,
-  ``report.py``); ``data.py``: U2A's splits; ``config.py``: the inner objectives.
-- ``stream.py``: ``unlearn_stage`` for ``kind: negative`` tasks of ``lifealign run``.
+- ``u2a.py``: the bi-level procedure; ``baselines.py``: the comparisons under U2A's budget; ``evaluate.py``: the
+  evaluation against the original model; ``data.py``: U2A's splits; ``objectives.py``: the inner objectives.
+- ``lifealign unlearn`` and the ``kind: negative`` tasks of ``lifealign run`` are run by ``lifealign.engine``.
 
 The submodules import torch and peft; import them directly (this package's import stays light).
 """

@@ -1,9 +1,10 @@
 """Baselines that ``lifealign unlearn`` runs under U2A's budget (same optimizer steps, lr, batch size, start).
 
-A baseline is a name in ``BASELINES`` -> a function that builds its training job from the shared context:
+A baseline is a name -> a function that builds its training job from the shared context (``baseline_job``):
 
-- ``ga`` / ``grad_diff`` / ``npo`` / ``simnpo``: unlearning on the *full* candidate set with equal weights (the
-  U2A paper's GA / GradDiff / NPO rows), with the same regulariser, retain term and stop rule as U2A;
+- every unlearning objective (``ga``, ``grad_diff``, ``npo``, ``simnpo``, ...): unlearning on the *full* candidate
+  set with equal weights (the U2A paper's GA / GradDiff / NPO rows), with the same regulariser, retain term and stop
+  rule as U2A;
 - ``random``: a random subset of U2A's size with equal weights and U2A's objective (is the selection doing work?);
 - ``topk``: U2A's initial top-k with equal weights and no re-weighting (are the weights doing work?);
 - ``dpo``: DPO (beta = ``unlearn.dpo_beta``) on the preference pairs, the positive-data alternative.
@@ -17,11 +18,11 @@ from typing import Any
 
 from lifealign.config.schema import LossTerm
 from lifealign.config.unlearn import UnlearnSection
-from lifealign.losses import CombinedLoss, bind_losses
-from lifealign.unlearning.config import forget_loss
+from lifealign.losses import CombinedLoss, bind_losses, unlearning_objectives
+from lifealign.unlearning.objectives import forget_loss
 from lifealign.unlearning.selection import random_subset
 
-__all__ = ["BASELINES", "BaselineContext", "BaselineJob"]
+__all__ = ["SELECTION_BASELINES", "BaselineContext", "BaselineJob", "baseline_job", "baseline_names"]
 
 
 @dataclass
@@ -54,12 +55,10 @@ def _subset(ctx: BaselineContext, idx: list[int]) -> list[dict[str, Any]]:
     return [dict(ctx.candidates[i], index=j) for j, i in enumerate(idx)]
 
 
-def full_set(objective: str) -> Callable[[BaselineContext], BaselineJob]:
-    def build(ctx: BaselineContext) -> BaselineJob:
-        idx = list(range(len(ctx.candidates)))
-        return BaselineJob(_subset(ctx, idx), forget_loss(ctx.section, objective), objective, idx)
-
-    return build
+def full_set_job(objective: str, ctx: BaselineContext) -> BaselineJob:
+    """Unlearning of every candidate with equal weights under ``objective`` (its registry loss's defaults)."""
+    idx = list(range(len(ctx.candidates)))
+    return BaselineJob(_subset(ctx, idx), forget_loss(ctx.section, objective), objective, idx)
 
 
 def random_job(ctx: BaselineContext) -> BaselineJob:
@@ -77,12 +76,23 @@ def dpo_job(ctx: BaselineContext) -> BaselineJob:
     return BaselineJob([dict(ex, index=j) for j, ex in enumerate(ctx.preference)], loss, None, None)
 
 
-BASELINES: dict[str, Callable[[BaselineContext], BaselineJob]] = {
-    "ga": full_set("ga"),
-    "grad_diff": full_set("grad_diff"),
-    "npo": full_set("npo"),
-    "simnpo": full_set("simnpo"),
+SELECTION_BASELINES: dict[str, Callable[[BaselineContext], BaselineJob]] = {
     "random": random_job,
     "topk": topk_job,
     "dpo": dpo_job,
 }
+"""The baselines that are not a full-set unlearning objective (every objective is one, by its loss name)."""
+
+
+def baseline_names() -> list[str]:
+    """Every name ``unlearn.baselines`` accepts: each unlearning objective (full set), then the selection ones."""
+    return [*unlearning_objectives(), *SELECTION_BASELINES]
+
+
+def baseline_job(name: str, ctx: BaselineContext) -> BaselineJob:
+    """The training job of baseline ``name``; ``ValueError`` listing the known names for an unknown one."""
+    if name in SELECTION_BASELINES:
+        return SELECTION_BASELINES[name](ctx)
+    if name in unlearning_objectives():
+        return full_set_job(name, ctx)
+    raise ValueError(f"unlearn.baselines: unknown baseline {name!r}; available: {', '.join(baseline_names())}")

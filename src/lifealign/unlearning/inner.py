@@ -11,19 +11,18 @@ stage early inside the loop, on every rank: the caller gets the structured event
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from lifealign.config.unlearn import UnlearnSection
 from lifealign.data.records import Task
 from lifealign.losses import CombinedLoss
-from lifealign.training.loop import LoopServices, StagePlan, StageResult, train_task
+from lifealign.training.loop import LoopCheckpoint, StageContext, StagePlan, StageResult, train_task
 from lifealign.training.plugin import Plugin, PluginContext
-from lifealign.unlearning.config import OBJECTIVES
+from lifealign.unlearning.objectives import uses_retain
 from lifealign.unlearning.plugins import AnchorPlugin, ForgetNLLGuard, RetainPlugin
 
 __all__ = ["InnerSolver", "SolveOutcome", "inner_plugins"]
@@ -61,7 +60,7 @@ def inner_plugins(
     plugins: list[Plugin] = []
     if section.reg_weight > 0:
         plugins.append(AnchorPlugin(anchor, section.reg_weight))
-    if OBJECTIVES[objective].uses_retain:
+    if uses_retain(objective):
         if not retain:
             raise ValueError(f"{label}: objective {objective!r} needs retain sequences (set unlearn.retain_data)")
         plugins.append(
@@ -103,15 +102,16 @@ def restore_stage_plugins(plugins: Sequence[Plugin], resume: dict[str, Any] | No
 
 @dataclass
 class InnerSolver:
-    """Runs inner solves through ``train_task`` with the run's services (metrics, checkpoints, plugins)."""
+    """Runs inner solves through ``train_task`` in the run's stage context (metrics, commits, plugins).
 
-    model: nn.Module
-    services: LoopServices
+    ``stage.commit`` receives each mid-solve checkpoint with the stage-only plugins' state added to the loop's;
+    ``stage.reference_state`` is the reference of NPO and of the KL retain term.
+    """
+
+    stage: StageContext
     ctx: PluginContext
     task_index: int
     lr: float
-    save_checkpoint: Callable[[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]], None]
-    reference_state: dict[str, torch.Tensor] | None = None
 
     def solve(
         self,
@@ -134,30 +134,27 @@ class InnerSolver:
             epochs=1.0,
             max_steps=max_steps,
             example_weights=weights,
-            reference_state=self.reference_state,
+            reference_state=self.stage.reference_state,
         )
-        services = self.services
         restore_stage_plugins(plugins, resume)
+        commit = self.stage.commit
 
-        def save_checkpoint(loop_state: dict[str, Any], tensors: dict[str, torch.Tensor], opt: dict[str, Any]) -> None:
-            self.save_checkpoint({**loop_state, STAGE_PLUGINS: stage_plugin_states(plugins)}, tensors, opt)
+        def commit_with_plugins(loop: LoopCheckpoint | None) -> None:
+            if loop is not None:
+                loop = replace(loop, state={**loop.state, STAGE_PLUGINS: stage_plugin_states(plugins)})
+            commit(loop)
 
-        # The stage's plugins and checkpoint callback are swapped in for this stage only; the services object itself
-        # is shared so the global step (and everything else) stays the run's.
-        own_plugins, own_save = services.plugins, services.save_checkpoint
-        services.plugins, services.save_checkpoint = [*own_plugins, *plugins], save_checkpoint
-        try:
-            result: StageResult = train_task(self.model, examples, plan, services, self.ctx, resume=resume)
-        finally:
-            services.plugins, services.save_checkpoint = own_plugins, own_save
+        # The stage's own plugins and commit wrapper apply to this solve only; the step counter stays the run's.
+        stage = replace(self.stage, plugins=[*self.stage.plugins, *plugins], commit=commit_with_plugins)
+        result: StageResult = train_task(stage.model, examples, plan, stage, self.ctx, resume=resume)
         if result.stopped is not None:
             event = {
                 **result.stopped,
-                "method": services.method_name,
+                "method": stage.method_name,
                 "task": task.name,
-                "global_step": services.global_step,
+                "global_step": stage.steps.value,
             }
-            services.write_metrics(event)
+            stage.metrics(event)
             return SolveOutcome(planned_steps=max_steps, steps=result.steps, stopped=event)
         return SolveOutcome(
             planned_steps=max_steps,

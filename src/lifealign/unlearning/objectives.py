@@ -1,41 +1,36 @@
 """From the ``unlearn:`` config section to bound objects: the inner objective's forget loss and its retain term.
 
-An inner *objective* is a registry loss applied to the negative response (the ``rejected`` side) plus, for
-GradDiff, a retain term on separate retain sequences (``plugins.RetainPlugin``), unweighted as in U2A's
-``u2a_gradiff.py``: the per-example U2A weights multiply only the forget term, which is also the ``l_u`` whose
-gradient enters the impact scores (METHODS.md ADDENDUM B.1: "GradDiff: its forget term").
+An unlearning *objective* is a registry loss that declares ``LossSpec.forget_as`` (``lifealign.losses``): GA, NPO,
+SimNPO act on the negative response (the ``rejected`` side); GradDiff is GA on it plus a retain term on separate
+retain sequences (``plugins.RetainPlugin``), unweighted as in U2A's ``u2a_gradiff.py``: the per-example U2A weights
+multiply only the forget term, which is also the ``l_u`` whose gradient enters the impact scores (METHODS.md
+ADDENDUM B.1: "GradDiff: its forget term"). A new unlearning loss is one file + one registry line there.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from lifealign.config.schema import LossTerm, TrainSection
 from lifealign.config.unlearn import UnlearnSection
-from lifealign.losses import CombinedLoss, bind_loss
+from lifealign.losses import LOSSES, CombinedLoss, bind_loss, unlearning_objectives
 
-__all__ = ["FORGET_SIDES", "OBJECTIVES", "Objective", "forget_loss", "inner_lr", "steps_per_solve"]
+__all__ = ["FORGET_SIDES", "forget_loss", "inner_lr", "steps_per_solve", "uses_retain"]
 
 FORGET_SIDES = ("rejected",)
 """Unlearning losses read the negative response as ``rejected`` (losses/spec.py)."""
 
 
-@dataclass(frozen=True)
-class Objective:
-    """An inner unlearning objective: which registry loss acts on the forget response, and whether it has a retain
-    term."""
-
-    forget_loss: str
-    uses_retain: bool
+def _objective_spec(name: str, path: str = "unlearn.objective"):
+    objectives = unlearning_objectives()
+    if name not in objectives:
+        raise ValueError(f"{path}: unknown unlearning objective {name!r}; available: {', '.join(objectives)}")
+    return objectives[name]
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "ga": Objective("ga", uses_retain=False),
-    "grad_diff": Objective("ga", uses_retain=True),
-    "npo": Objective("npo", uses_retain=False),
-    "simnpo": Objective("simnpo", uses_retain=False),
-}
+def uses_retain(objective: str) -> bool:
+    """Whether ``objective`` adds a retain term on retain sequences (GradDiff)."""
+    return _objective_spec(objective).retain_term
 
 
 def forget_loss(section: UnlearnSection, objective: str | None = None) -> CombinedLoss:
@@ -45,11 +40,13 @@ def forget_loss(section: UnlearnSection, objective: str | None = None) -> Combin
     section's own (a baseline with another objective uses that loss's defaults).
     """
     name = objective or section.objective
+    spec = _objective_spec(name)
     args = dict(section.loss_args) if name == section.objective else {}
     reserved = sorted({"name", "weight"} & set(args))
     if reserved:
         raise ValueError(f"unlearn.loss_args: {reserved} are not loss arguments (the objective picks the loss)")
-    term = LossTerm(name=OBJECTIVES[name].forget_loss, **args)
+    assert spec.forget_as in LOSSES
+    term = LossTerm(name=spec.forget_as, **args)
     return CombinedLoss([bind_loss(term, path="unlearn.loss_args")])
 
 

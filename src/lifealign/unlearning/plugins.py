@@ -88,8 +88,6 @@ class RetainPlugin(Plugin):
         step = optimizer_steps_taken(ctx.optimizer)
         self._micro = self._micro + 1 if step == self._step else 0
         self._step = step
-        acc = ctx.extras.get("accelerator")
-        rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
         return micro_batch_indices(
             len(self.examples),
             self.seed,
@@ -97,8 +95,8 @@ class RetainPlugin(Plugin):
             self._micro % self.grad_accum,
             self.grad_accum,
             self.batch_size,
-            rank,
-            world,
+            ctx.rank,
+            ctx.world_size,
         )
 
     def extra_loss(self, ctx: PluginContext, batch: dict[str, Any], outputs: dict[str, Any]) -> Tensor | None:

@@ -15,33 +15,31 @@ The procedure is resumable: its whole position is the JSON-able ``U2AProgress`` 
 caller's ``commit`` after every scoring, weight update and solve; a solve interrupted between two of those resumes
 from the loop's own mid-stage checkpoint (``resume_loop``).
 
-``run_unlearning`` is ``lifealign unlearn``: U2A and the baselines under the same step budget, evaluated and reported
-(``runner.py``).
+``lifealign unlearn`` (``lifealign.engine.unlearn``) runs U2A and the baselines under the same step budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lifealign.config.schema import RunConfig, TrainSection
+from lifealign.config.schema import TrainSection
 from lifealign.config.unlearn import UnlearnSection
 from lifealign.data.records import Task
 from lifealign.losses import CombinedLoss
 from lifealign.training.plugin import Plugin
-from lifealign.unlearning.config import steps_per_solve
 from lifealign.unlearning.evaluate import mean_token_nll
 from lifealign.unlearning.influence import ScoreResult, impact_scores
 from lifealign.unlearning.inner import InnerSolver
+from lifealign.unlearning.objectives import steps_per_solve
 from lifealign.unlearning.selection import choose_k, select_top_k, update_weights, weight_stats
 from lifealign.utils.jsonio import nan_to_null
 
-__all__ = ["U2A", "U2AInputs", "U2AProgress", "run_unlearning", "score_stats", "u2a_budget"]
+__all__ = ["U2A", "U2AInputs", "U2AProgress", "score_stats", "u2a_budget"]
 
 
 @dataclass
@@ -254,11 +252,3 @@ class U2A:
             progress.finished = True
             commit(progress)
         return progress
-
-
-def run_unlearning(cfg: RunConfig, out_dir: str | Path | None = None, resume: bool | str = False) -> dict[str, Any]:
-    """``lifealign unlearn``: U2A and the configured baselines on ``cfg.tasks[0]``; returns the results with a
-    ``"table"`` (method -> metrics) and writes ``results.json``, ``report.md`` and the figures to the run folder."""
-    from lifealign.unlearning.runner import UnlearnRun
-
-    return UnlearnRun(cfg, Path(out_dir or cfg.output_dir), resume=resume).run()
