@@ -22,7 +22,7 @@ from lifealign.data.records import PreferencePair
 from lifealign.data.tokenize import tokenize_pairs
 from lifealign.training.forward import batch_logps, compute_reference_logps
 from lifealign.training.head import output_head
-from lifealign.training.packed import segment_mask
+from lifealign.training.packed import SEGMENT_ATTENTION, segment_mask
 from tests.helpers import perturb_lora_b
 
 PAIR = ("chosen", "rejected")
@@ -241,12 +241,32 @@ def test_reference_logps_through_the_same_entry_point(model_and_tokenizer):
 
 def test_unsupported_attention_is_refused(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    model.config._attn_implementation = "flash_attention_2"
+    model.config._attn_implementation = "flex_attention"
     try:
         with pytest.raises(ValueError, match="use layout 'concat'"):
             batch_logps(model, collate(ragged_examples(), tokenizer.pad_token_id, layout="shared"))
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+def test_a_model_that_bypasses_segment_attention_is_refused(model_and_tokenizer, monkeypatch):
+    """If the layers never call ``segment_attention`` (here: the registry entry is plain SDPA, which ignores the
+    plan), the forward ran with plain causal attention over whole rows: refused, and the implementation restored."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setitem(AttentionInterface._global_mapping, SEGMENT_ATTENTION, sdpa_attention_forward)
+    with pytest.raises(ValueError, match="never dispatched"):
+        batch_logps(model, collate(ragged_examples(), tokenizer.pad_token_id, layout="packed"))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_sliding_window_shorter_than_a_segment_is_refused(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(model.config, "sliding_window", 16, raising=False)
+    with pytest.raises(ValueError, match="sliding window"):
+        batch_logps(model, collate(ragged_examples(), tokenizer.pad_token_id, layout="shared"))
 
 
 def test_a_decoder_hook_that_rewrites_the_inputs_is_refused(model_and_tokenizer):

@@ -73,7 +73,8 @@ def collate_segments(
 
     Keys: ``layout``; ``input_ids``, ``position_ids``, ``segment_ids``, ``branch_ids`` of shape ``(R, L)`` (right
     padded with ``pad_id``, position 0, segment 0, branch 0); ``score_index (M,)`` (flat indices into ``R * L``),
-    ``labels (M,)`` and ``n_scored (S * B,)`` (side-major, as the concatenated rows); ``n_pairs``, ``sides``, ``ids``
+    ``labels (M,)`` and ``n_scored (S * B,)`` (side-major, as the concatenated rows); ``segments``: per row, the
+    ``(first column, prompt length, response lengths per side)`` of each segment; ``n_pairs``, ``sides``, ``ids``
     and ``index (B,)`` when every example carries ``"index"``. ``pack_tokens`` only applies to ``packed``
     (``None``: every segment in one row).
     """
@@ -93,11 +94,13 @@ def collate_segments(
     # predictors[s][b]: flat positions whose logits score side s of pair b, in token order; targets: the tokens
     predictors: list[list[list[int]]] = [[[] for _ in examples] for _ in sides]
     targets: list[list[list[int]]] = [[[] for _ in examples] for _ in sides]
+    segments: list[list[tuple[int, int, tuple[int, ...]]]] = [[] for _ in rows]
     for r, row in enumerate(rows):
         col = 0  # the next free column of row r
         for b in row:
             ex = examples[b]
             prompt = list(ex["prompt_ids"])
+            segments[r].append((col, len(prompt), tuple(len(ex[f"{side}_ids"]) for side in sides)))
             ids, positions, branches = list(prompt), list(range(len(prompt))), [0] * len(prompt)
             for s, side in enumerate(sides):
                 response = list(ex[f"{side}_ids"])
@@ -126,6 +129,7 @@ def collate_segments(
         "score_index": torch.tensor(flat_index, dtype=torch.long),
         "labels": torch.tensor(flat_labels, dtype=torch.long),
         "n_scored": torch.tensor([len(p) for per_side in predictors for p in per_side], dtype=torch.long),
+        "segments": segments,
         "n_pairs": len(examples),
         "sides": sides,
         "ids": [ex["id"] for ex in examples],
