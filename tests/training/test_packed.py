@@ -105,9 +105,10 @@ def test_mask_keeps_sides_apart_and_pairs_apart():
     ]
 
 
-def test_pack_rows_first_fit_decreasing_within_budget():
-    """Lengths 5, 3, 4, 2, 7 with budget 8: 7 opens row A, 5 row B, 4 row C, 3 fits B (5+3), 2 fits C (4+2)."""
-    assert pack_rows([5, 3, 4, 2, 7], 8) == [[0, 1], [2, 3], [4]]
+def test_pack_rows_balances_rows_within_budget():
+    """Lengths 5, 3, 4, 2, 7 (21 tokens), budget 8: three rows; longest first into the least-filled row with room:
+    7 -> A, 5 -> B, 4 -> C, 3 -> C (4 < 5; 7 <= 8), 2 -> B (5 < 7): A = {4}, B = {0, 3}, C = {1, 2}."""
+    assert pack_rows([5, 3, 4, 2, 7], 8) == [[0, 3], [1, 2], [4]]
     assert pack_rows([5, 3, 4], None) == [[0, 1, 2]]
     assert pack_rows([9, 1], 4) == [[0], [1]]  # a segment over the budget gets a row of its own
     with pytest.raises(ValueError, match="positive"):

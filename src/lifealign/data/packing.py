@@ -40,26 +40,30 @@ def segment_length(example: dict[str, Any], sides: Sequence[str]) -> int:
 
 
 def pack_rows(lengths: Sequence[int], pack_tokens: int | None) -> list[list[int]]:
-    """Assign segments to rows of at most ``pack_tokens`` tokens (first-fit decreasing); ``None``: one row for all.
+    """Group segment indices into rows of at most ``pack_tokens`` tokens; ``None``: one row for all.
 
-    A segment longer than the budget gets a row of its own. Rows are returned in order of their first (lowest)
-    segment index, segments within a row in index order, so the assignment is deterministic.
+    ``ceil(total / pack_tokens)`` rows are opened and segments go longest first into the least-filled row with
+    room, a new row opening when none has (longest-processing-time greedy): rows come out about equally full, so the
+    padding to the longest row is small. A segment longer than the budget gets a row of its own. Rows are ordered
+    by their lowest index, indices ascending within a row: the assignment is deterministic.
     """
     if pack_tokens is None:
         return [list(range(len(lengths)))]
     if pack_tokens < 1:
         raise ValueError(f"pack_tokens must be positive, got {pack_tokens}")
-    rows: list[list[int]] = []
-    room: list[int] = []
+    n_rows = max(1, -(-sum(lengths) // pack_tokens))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    fill = [0] * n_rows
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if slot is None:
-            rows.append([i])
-            room.append(pack_tokens - lengths[i])
-        else:
-            rows[slot].append(i)
-            room[slot] -= lengths[i]
-    return sorted(sorted(row) for row in rows)
+        fits = [r for r in range(len(rows)) if fill[r] + lengths[i] <= pack_tokens or not rows[r]]
+        if not fits:
+            rows.append([])
+            fill.append(0)
+            fits = [len(rows) - 1]
+        r = min(fits, key=lambda r: (fill[r], r))
+        rows[r].append(i)
+        fill[r] += lengths[i]
+    return sorted(sorted(row) for row in rows if row)
 
 
 def collate_segments(
