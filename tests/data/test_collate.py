@@ -90,7 +90,8 @@ def test_shared_rows_hold_the_prompt_once_and_score_the_last_prompt_token_for_ea
     assert batch["branch_ids"].tolist() == [[0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 0]]
     assert batch["score_index"].tolist() == [1, 6, 7, 1, 3, 4, 6]
     assert batch["labels"].tolist() == [3, 8, 9, 4, 5, 6, 10]
-    assert batch["n_scored"].tolist() == [1, 2, 3, 1]  # chosen a, chosen b, rejected a, rejected b
+    assert batch["scored"].sum(dim=1).tolist() == [1, 2, 3, 1]  # chosen a, chosen b, rejected a, rejected b
+    assert torch.equal(batch["scored"], collate_pairs(EXAMPLES, pad_id=0)["completion_mask"][:, 1:].bool())
     assert batch["n_pairs"] == 2 and batch["sides"] == ("chosen", "rejected") and batch["ids"] == ["a", "b"]
     assert batch["index"].tolist() == [4, 7]
 
@@ -110,4 +111,4 @@ def test_single_side_segments_are_plain_rows():
     batch = collate(EXAMPLES, pad_id=0, sides=("rejected",), layout="shared")
     assert batch["input_ids"].tolist() == [[1, 2, 4, 5, 6], [7, 10, 0, 0, 0]]
     assert batch["branch_ids"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
-    assert batch["labels"].tolist() == [4, 5, 6, 10] and batch["n_scored"].tolist() == [3, 1]
+    assert batch["labels"].tolist() == [4, 5, 6, 10] and batch["scored"].sum(dim=1).tolist() == [3, 1]

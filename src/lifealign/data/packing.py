@@ -77,7 +77,8 @@ def collate_segments(
 
     Keys: ``layout``; ``input_ids``, ``position_ids``, ``segment_ids``, ``branch_ids`` of shape ``(R, L)`` (right
     padded with ``pad_id``, position 0, segment 0, branch 0); ``score_index (M,)`` (flat indices into ``R * L``),
-    ``labels (M,)`` and ``n_scored (S * B,)`` (side-major, as the concatenated rows); ``segments``: per row, the
+    ``labels (M,)`` in side-major order, and ``scored (S * B, T - 1)``, the concatenated rows' scored positions (the
+    values are summed over it, row-major, as the concatenated forward sums them); ``segments``: per row, the
     ``(first column, prompt length, response lengths per side)`` of each segment; ``n_pairs``, ``sides``, ``ids``
     and ``index (B,)`` when every example carries ``"index"``. ``pack_tokens`` only applies to ``packed``
     (``None``: every segment in one row).
@@ -122,6 +123,14 @@ def collate_segments(
             segment_ids[r, span] = b + 1
             branch_ids[r, span] = torch.tensor(branches, dtype=torch.long)
             col += len(ids)
+    # The concatenated rows' scored grid (row s * B + b, column t - 1 for response token t): summing the per-token
+    # values over it adds them in the order the concatenated forward does.
+    concat_width = max(len(ex["prompt_ids"]) + len(ex[f"{side}_ids"]) for ex in examples for side in sides)
+    scored = torch.zeros(len(sides) * len(examples), max(concat_width - 1, 0), dtype=torch.bool)
+    for s, side in enumerate(sides):
+        for b, ex in enumerate(examples):
+            n_prompt, n = len(ex["prompt_ids"]), len(ex[f"{side}_ids"])
+            scored[s * len(examples) + b, max(n_prompt - 1, 0) : n_prompt + n - 1] = True
     flat_index = [i for per_side in predictors for per_pair in per_side for i in per_pair]
     flat_labels = [t for per_side in targets for per_pair in per_side for t in per_pair]
     batch: dict[str, Any] = {
@@ -132,7 +141,7 @@ def collate_segments(
         "branch_ids": branch_ids,
         "score_index": torch.tensor(flat_index, dtype=torch.long),
         "labels": torch.tensor(flat_labels, dtype=torch.long),
-        "n_scored": torch.tensor([len(p) for per_side in predictors for p in per_side], dtype=torch.long),
+        "scored": scored,
         "segments": segments,
         "n_pairs": len(examples),
         "sides": sides,

@@ -242,10 +242,8 @@ def segment_logps(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, to
             "'concat'"
         )
     per_token = label_logps(logits, batch["labels"].to(device))  # (M,) side-major
-    n_scored = batch["n_scored"].to(device)  # (S * B,)
-    width = int(n_scored.max()) if n_scored.numel() else 0
-    grid = torch.arange(width, device=device)[None, :] < n_scored[:, None]  # (S * B, width): M True, row-major
-    logps = sum_scored(per_token, grid)
+    scored = batch["scored"].to(device)  # (S * B, T - 1): the concatenated rows' grid, M True
+    logps, n_scored = sum_scored(per_token, scored), scored.sum(dim=-1)
     b = batch["n_pairs"]
     result: dict[str, torch.Tensor] = {}
     for k, side in enumerate(batch["sides"]):
