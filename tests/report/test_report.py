@@ -139,7 +139,7 @@ def test_write_report_makes_report_and_linked_pngs(tmp_path: Path) -> None:
     assert path == tmp_path / "out" / "report.md"
     md = path.read_text()
     links = [line.split("](", 1)[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
-    assert len(links) == 2 * 3  # heatmap + curves per metric
+    assert len(links) == 2 * 3 + 2  # heatmap + curves per metric, BWT/Last bars per score metric (pref_acc, rouge_l)
     assert all(is_png(tmp_path / "out" / link) for link in links)
     assert table_rows(md, "Method")["seqft"]["pref\\_acc BWT"] == "-12.50"
 

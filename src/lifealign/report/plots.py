@@ -11,6 +11,9 @@ Readability rules:
 - Cell labels: one decimal for 0–100 metrics, 3 significant digits otherwise (a KL of 0.0123 reads ``0.0123``,
   not ``0.01``).
 - Legends stand outside the axes, to the right, so they never cover a line.
+- Uncertainty is drawn from what ``scores.json`` holds (``matrix_ci``, ``bwt_ci``, ...): an error bar spans the
+  interval itself (``lo`` to ``hi``, not ``value ± se``), so a percentile interval that is not symmetric around
+  the value is drawn as it is. A value without an interval (older runs) is drawn without a bar.
 
 ``score_matrix_figure`` / ``task_curves_figure`` build the figures (for tests and notebooks); ``plot_*`` save PNGs.
 """
@@ -30,8 +33,10 @@ __all__ = [
     "PERCENT_METRICS",
     "format_cell",
     "is_percent_metric",
+    "method_bars_figure",
     "plot_bar",
     "plot_histogram",
+    "plot_method_bars",
     "plot_score_matrix",
     "plot_task_curves",
     "score_matrix_figure",
@@ -119,20 +124,52 @@ def plot_score_matrix(summary: Mapping[str, Any], title: str, path: str | Path, 
     return _save(score_matrix_figure(summary, title, metric), path)
 
 
+def _intervals(ci: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``ci`` (nested lists ``shape + (2,)``, ``null``/NaN allowed) as a float array; ``None`` if absent or
+    malformed (an older ``scores.json``)."""
+    if not isinstance(ci, list | tuple):
+        return None
+    try:
+        a = np.array(ci, dtype=float)  # None -> NaN
+    except (TypeError, ValueError):
+        return None
+    return a if a.shape == shape + (2,) else None
+
+
+def _interval_bars(ax: Any, x: Sequence[float], ci: np.ndarray, **kwargs: Any) -> None:
+    """Error bars spanning ``ci[k] = (lo, hi)`` at ``x[k]``, skipping undefined intervals."""
+    keep = [k for k in range(len(x)) if np.isfinite(ci[k]).all()]
+    if not keep:
+        return
+    lo, hi = ci[keep, 0], ci[keep, 1]
+    xs = [x[k] for k in keep]
+    ax.errorbar(xs, (lo + hi) / 2, yerr=(hi - lo) / 2, fmt="none", capsize=3, elinewidth=1.0, **kwargs)
+
+
 def task_curves_figure(summary: Mapping[str, Any], title: str, ylabel: str = "score") -> Figure:
-    """The curves of :func:`plot_task_curves` as a ``Figure``; the legend stands outside the axes, on the right."""
+    """The curves of :func:`plot_task_curves` as a ``Figure``; the legend stands outside the axes, on the right.
+
+    With ``matrix_ci`` in ``summary`` each point carries its interval as an error bar; the tasks are shifted a
+    little apart on the x axis so their bars do not overlap.
+    """
     m = _matrix(summary)
     n = m.shape[0]
     tasks = _task_names(summary, n)
+    ci = _intervals(summary.get("matrix_ci"), (n, n))
     fig = _new_figure(6.0 + 0.12 * max((len(t) for t in tasks), default=0), 3.8)
     ax = fig.add_subplot()
+    spread = min(0.08, 0.4 / max(n, 1))
     for j, task in enumerate(tasks):
         stages = [i for i in range(n) if math.isfinite(m[i, j])]
-        if stages:
-            ax.plot(stages, [m[i, j] for i in stages], marker="o", label=task)
+        if not stages:
+            continue
+        x = [i + (j - (n - 1) / 2) * spread for i in stages] if ci is not None else stages
+        (line,) = ax.plot(x, [m[i, j] for i in stages], marker="o", label=task)
+        if ci is not None:
+            _interval_bars(ax, x, ci[stages, j], color=line.get_color(), alpha=0.8)
     ax.set_xticks(range(n), [f"after {t}" for t in tasks], rotation=30, ha="right")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title if ci is None else f"{title} ({_level_text(summary)} intervals)")
     ax.grid(alpha=0.3)
     if ax.get_lines():
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
@@ -142,6 +179,49 @@ def task_curves_figure(summary: Mapping[str, Any], title: str, ylabel: str = "sc
 def plot_task_curves(summary: Mapping[str, Any], title: str, path: str | Path, ylabel: str = "score") -> Path:
     """One line per task ``j``: its score ``m[i][j]`` after each training stage ``i`` where it was evaluated."""
     return _save(task_curves_figure(summary, title, ylabel), path)
+
+
+def _level_text(summary: Mapping[str, Any]) -> str:
+    level = summary.get("level")
+    return f"{100 * level:g}%" if isinstance(level, float) and 0 < level < 1 else "95%"
+
+
+def method_bars_figure(
+    summaries: Mapping[str, Mapping[str, Any]], metric: str, stats: Sequence[str] = ("bwt", "last")
+) -> Figure:
+    """One panel per statistic in ``stats`` (BWT, Last): a bar per method (``summaries``: ``{method: summary}`` of
+    ``metric``) with its interval (``<stat>_ci``) as an error bar; an undefined value (MTL's BWT) has no bar."""
+    methods = list(summaries)
+    width = max(3.0, 0.55 * len(methods) + 1.5)
+    fig = _new_figure(width * len(stats), 3.8)
+    for k, stat in enumerate(stats):
+        ax = fig.add_subplot(1, len(stats), k + 1)
+        values = [summaries[m].get(stat) for m in methods]
+        values = [float(v) if isinstance(v, int | float) and math.isfinite(v) else math.nan for v in values]
+        ax.bar(range(len(methods)), [0.0 if math.isnan(v) else v for v in values], color="tab:blue", alpha=0.75)
+        bounds = np.full((len(methods), 2), math.nan)
+        for i, method in enumerate(methods):
+            pair = _intervals(summaries[method].get(f"{stat}_ci"), ())
+            if pair is not None and math.isfinite(values[i]):
+                bounds[i] = pair
+        _interval_bars(ax, list(range(len(methods))), bounds, color="black")
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(methods)), methods, rotation=30 if len(methods) > 3 else 0, ha="right")
+        ax.set_title(_STAT_TITLES.get(stat, stat))
+        ax.grid(axis="y", alpha=0.3)
+    first = next(iter(summaries.values()), {})
+    fig.suptitle(f"{metric}: per method, with {_level_text(first)} intervals")
+    return fig
+
+
+_STAT_TITLES = {"bwt": "BWT", "last": "Last", "ap": "AP", "fwt": "FWT"}
+
+
+def plot_method_bars(
+    summaries: Mapping[str, Mapping[str, Any]], metric: str, path: str | Path, stats: Sequence[str] = ("bwt", "last")
+) -> Path:
+    """Save :func:`method_bars_figure` as a PNG."""
+    return _save(method_bars_figure(summaries, metric, stats), path)
 
 
 def plot_bar(labels: Sequence[str], values: Sequence[float], title: str, path: str | Path, ylabel: str = "") -> Path:

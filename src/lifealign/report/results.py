@@ -5,8 +5,17 @@ Shape (strict JSON, ``null`` where a value is undefined or was not evaluated)::
     {"<method>": {"<metric>": {"tasks": [...], "matrix": [[...]], "bwt": x, "last": y, "ap": z, "fwt": w,
                                "forgetting": [...]}}}
 
-where each ``{"matrix", ...}`` block is :meth:`lifealign.evaluation.matrix.ScoreMatrix.summary`. On reading,
-``null`` becomes ``NaN`` so the values are plain floats again.
+where each ``{"matrix", ...}`` block is :meth:`lifealign.evaluation.matrix.ScoreMatrix.summary`, merged (in
+runs that keep per-item scores) with :func:`lifealign.evaluation.stats.summarize_method`'s uncertainty: ``*_se``,
+``*_ci``, ``n_items``, ``n_seeds``, ``level``, ``n_boot``, ``variance_components``. On reading, ``null`` becomes
+``NaN`` so the values are plain floats again.
+
+``comparisons.json`` (beside ``scores.json``; absent in older runs) holds the paired tests and the per-task power::
+
+    {"baseline": "seqft", "alpha": 0.05,
+     "rows": [{"score", "method", "baseline", "metric", "diff", "se", "ci", "p", "p_holm", "mde",
+               "significant", "underpowered"}, ...],
+     "power": {"<score>": {"<task>": {"n_items": n, "accuracy": 0-100, "mde": 0-100 points}}}}
 """
 
 from __future__ import annotations
@@ -19,17 +28,22 @@ from typing import Any
 from lifealign.utils.jsonio import atomic_write_text, nan_to_null, null_to_nan
 
 __all__ = [
+    "COMPARISONS_FILE",
     "SCORES_FILE",
     "Scores",
     "ScoresFileError",
     "atomic_write_text",
+    "collect_comparisons",
     "collect_runs",
     "find_score_files",
+    "read_comparisons",
     "read_scores",
     "write_scores",
 ]
 
 SCORES_FILE = "scores.json"
+COMPARISONS_FILE = "comparisons.json"
+"""Paired tests against the baseline (and LifeAlign) and the per-task power, written by the engine."""
 
 Scores = dict[str, dict[str, dict[str, Any]]]
 """``{method: {metric: summary}}``."""
@@ -156,3 +170,39 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> Scores:
                         key, suffix = f"{method}@{path.parent.name}#{suffix}", suffix + 1
                 merged[key] = metrics
     return merged
+
+
+def _check_comparisons(raw: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ScoresFileError(f"{path}: expected a JSON object {{baseline, alpha, rows, power}}")
+    rows = raw.get("rows", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ScoresFileError(f"{path}: 'rows' must be a list of objects")
+    power = raw.get("power", {})
+    if not isinstance(power, dict) or not all(
+        isinstance(tasks, dict) and all(isinstance(v, dict) for v in tasks.values()) for tasks in power.values()
+    ):
+        raise ScoresFileError(f"{path}: 'power' must be {{score: {{task: {{n_items, accuracy, mde}}}}}}")
+    return {**raw, "rows": rows, "power": power}
+
+
+def read_comparisons(path: str | Path) -> dict[str, Any] | None:
+    """Read a ``comparisons.json`` (file or the run directory holding it); ``None`` when there is none (runs made
+    before paired tests existed). Values are as written (``null`` stays ``None``); an unusable file is a
+    ``ScoresFileError`` naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / COMPARISONS_FILE
+    if not path.is_file():
+        return None
+    return _check_comparisons(_load_json(path), path)
+
+
+def collect_comparisons(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """The ``comparisons.json`` of each run folder that has one, each with ``"source"`` (the folder) added."""
+    found = []
+    for run_dir in run_dirs:
+        payload = read_comparisons(run_dir)
+        if payload is not None:
+            found.append({**payload, "source": str(Path(run_dir))})
+    return found
