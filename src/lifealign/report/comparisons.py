@@ -157,6 +157,8 @@ def power_section(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
                 source = f" (run `{escape_markdown(payload.get('source', ''))}`)" if len(payloads) > 1 else ""
                 lines += [f"### {escape_markdown(score)}{source}", "", *_power_table(by_task), ""]
     total = sum(len(p.get("rows") or []) for p in payloads)
+    if not total:
+        return lines
     if not flagged:
         lines += [f"No underpowered comparison among the {total}.", ""]
         return lines

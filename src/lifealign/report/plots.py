@@ -124,6 +124,15 @@ def plot_score_matrix(summary: Mapping[str, Any], title: str, path: str | Path, 
     return _save(score_matrix_figure(summary, title, metric), path)
 
 
+_STAT_TITLES = {"bwt": "BWT", "last": "Last", "ap": "AP", "fwt": "FWT"}
+
+
+def _level_text(summary: Mapping[str, Any]) -> str:
+    """``95%`` from the summary's ``level`` (95% when absent)."""
+    level = summary.get("level")
+    return f"{100 * level:g}%" if isinstance(level, float) and 0 < level < 1 else "95%"
+
+
 def _intervals(ci: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     """``ci`` (nested lists ``shape + (2,)``, ``null``/NaN allowed) as a float array; ``None`` if absent or
     malformed (an older ``scores.json``)."""
@@ -181,11 +190,6 @@ def plot_task_curves(summary: Mapping[str, Any], title: str, path: str | Path, y
     return _save(task_curves_figure(summary, title, ylabel), path)
 
 
-def _level_text(summary: Mapping[str, Any]) -> str:
-    level = summary.get("level")
-    return f"{100 * level:g}%" if isinstance(level, float) and 0 < level < 1 else "95%"
-
-
 def method_bars_figure(
     summaries: Mapping[str, Mapping[str, Any]], metric: str, stats: Sequence[str] = ("bwt", "last")
 ) -> Figure:
@@ -199,6 +203,8 @@ def method_bars_figure(
         values = [summaries[m].get(stat) for m in methods]
         values = [float(v) if isinstance(v, int | float) and math.isfinite(v) else math.nan for v in values]
         ax.bar(range(len(methods)), [0.0 if math.isnan(v) else v for v in values], color="tab:blue", alpha=0.75)
+        for i in [i for i, v in enumerate(values) if math.isnan(v)]:
+            ax.text(i, 0.0, "n/a", ha="center", va="bottom", fontsize=7, color="gray")
         bounds = np.full((len(methods), 2), math.nan)
         for i, method in enumerate(methods):
             pair = _intervals(summaries[method].get(f"{stat}_ci"), ())
@@ -206,15 +212,13 @@ def method_bars_figure(
                 bounds[i] = pair
         _interval_bars(ax, list(range(len(methods))), bounds, color="black")
         ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_xticks(range(len(methods)), methods, rotation=30 if len(methods) > 3 else 0, ha="right")
+        rotate = len(methods) > 3
+        ax.set_xticks(range(len(methods)), methods, rotation=30 if rotate else 0, ha="right" if rotate else "center")
         ax.set_title(_STAT_TITLES.get(stat, stat))
         ax.grid(axis="y", alpha=0.3)
     first = next(iter(summaries.values()), {})
     fig.suptitle(f"{metric}: per method, with {_level_text(first)} intervals")
     return fig
-
-
-_STAT_TITLES = {"bwt": "BWT", "last": "Last", "ap": "AP", "fwt": "FWT"}
 
 
 def plot_method_bars(
