@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lifealign.losses import LOSSES, BoundLoss, CombinedLoss
+from lifealign.losses import LOSSES, BoundLoss, CombinedLoss, weighted_mean
 from lifealign.losses.spec import LossInputs
 
 LN2 = math.log(2)
@@ -42,6 +42,24 @@ def test_per_example_weights_apply_to_every_term():
     total, parts, _ = CombinedLoss([term("fpo"), term("sft", 0.5)])(batch(), torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(parts["sft"], torch.tensor(2.0))
     torch.testing.assert_close(total, torch.tensor(0.25 * LN2 + 1.0))
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        # sum_i w_i l_i / B with l = [2, 1] (SFT's per-token NLL), B = 2; dividing by sum w would give 7/4 and 2.
+        ([3.0, 1.0], (3 * 2 + 1 * 1) / 2),
+        ([1.0, 0.0], (1 * 2 + 0 * 1) / 2),
+    ],
+)
+def test_per_example_weights_are_divided_by_the_batch_size_not_their_sum(weights, expected):
+    """U2A's inner loss is ``mean_b(w_b l_b)`` (``(losses * weights).mean()`` in its code): weights that do not sum
+    to B scale the loss, they are not renormalised (sum w = 4 and 1 here, B = 2)."""
+    w = torch.tensor(weights)
+    total, parts, _ = CombinedLoss([term("sft")])(batch(), w)
+    torch.testing.assert_close(parts["sft"], torch.tensor(expected))
+    torch.testing.assert_close(total, torch.tensor(expected))
+    torch.testing.assert_close(weighted_mean(torch.tensor([2.0, 1.0]), w), torch.tensor(expected))
 
 
 def test_primary_is_the_first_term_with_rewards():
