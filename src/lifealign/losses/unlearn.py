@@ -5,6 +5,8 @@ Each is *minimised*. GradDiff's retain response is ``chosen``. ``|y|`` is the nu
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -44,15 +46,29 @@ def grad_diff_loss(inputs: LossInputs, *, retain_weight: float = 1.0) -> LossOut
     return LossOutput(losses)
 
 
-def npo_loss(inputs: LossInputs, *, beta: float = 0.1) -> LossOutput:
-    """Negative Preference Optimization (Zhang et al. 2024): ``L = -(2/beta) log sigma(-beta (logp_f - ref_logp_f))``.
+def npo_loss(inputs: LossInputs, *, beta: float = 0.1, reduction: Literal["sum", "mean"] = "sum") -> LossOutput:
+    """Negative Preference Optimization (Zhang et al. 2024): ``L = -(2/beta) log sigma(-beta (ell_f - ref_ell_f))``.
 
-    DPO with only a losing response; log-probs summed over response tokens. At ``logp_f = ref_logp_f`` the loss is
-    ``(2/beta) ln 2``. Returns the forget response's implicit reward ``beta (logp_f - ref_logp_f)`` as
+    DPO with only a losing response. ``ell`` is the forget response's log-likelihood under ``reduction``:
+
+    - ``"sum"`` (the NPO paper, and this function's default): ``ell = log pi(y_f|x)``, summed over response tokens;
+    - ``"mean"`` (U2A's code, and the default of ``unlearn.forget_reduction``): ``ell = log pi(y_f|x) / |y_f|``, the
+      mean per-token log-likelihood, as U2A's ``get_npo_inner_loss`` takes it from ``outputs.loss`` (the mean token
+      NLL). U2A's ``outputs.loss`` also averages over the prompt tokens and, in a batch, over the tokens of every
+      sequence; here the mean is over each sequence's response tokens only (METHODS.md, "NPO's length").
+
+    At ``ell = ref_ell`` the loss is ``(2/beta) ln 2`` and ``dL/d log pi(y_f|x)`` is 1 (``sum``) or ``1/|y_f|``
+    (``mean``): the summed form's gradient, and so its impact score, is ``|y_f|`` times the mean form's, and it
+    saturates ``|y_f|`` times faster. Returns the implicit reward ``beta (ell_f - ref_ell_f)`` as
     ``rejected_rewards``. Shapes ``(B,)``.
     """
     check_beta(beta)
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     forget, ref_forget = inputs.require("rejected_logps", "ref_rejected_logps")
+    if reduction == "mean":
+        (n_forget,) = inputs.require("rejected_tokens")
+        forget, ref_forget = _mean_token_logp(forget, n_forget), _mean_token_logp(ref_forget, n_forget)
     reward = implicit_reward(forget, ref_forget, beta)
     losses = -(2 / beta) * F.logsigmoid(-reward)
     return LossOutput(losses, rejected_rewards=reward.detach())
