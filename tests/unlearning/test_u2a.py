@@ -10,10 +10,15 @@ import torch
 import yaml
 
 from lifealign.cli.main import main
-from lifealign.config import config_from_dict
+from lifealign.config import RunConfig, config_from_dict
+from lifealign.config.unlearn import UnlearnSection
+from lifealign.data.records import Task
 from lifealign.engine.unlearn import run_unlearning
 from lifealign.training.checkpoint import Checkpointer
 from lifealign.training.metrics import read_metrics
+from lifealign.unlearning.influence import ScoreResult
+from lifealign.unlearning.inner import SolveOutcome
+from lifealign.unlearning.u2a import U2A, U2AInputs, U2AProgress
 from lifealign.utils.jsonio import nan_to_null
 
 CONFIG = {
@@ -76,6 +81,7 @@ def test_cli_unlearn_end_to_end_on_the_tiny_model(tmp_path, capsys):
 
 
 def test_forget_nll_bound_stops_unlearning_with_a_structured_event(tmp_path):
+    """``stop_scope: run`` (ours): the first trigger ends U2A; the full-set baseline, one solve, ends too."""
     cfg = config_from_dict(
         {
             **CONFIG,
@@ -89,6 +95,7 @@ def test_forget_nll_bound_stops_unlearning_with_a_structured_event(tmp_path):
                 "reg_weight": 0.0,
                 "max_forget_nll": 5.6,
                 "stop_patience": 1,
+                "stop_scope": "run",
                 "positive_only": False,
                 "baselines": ["ga"],
             },
@@ -151,7 +158,8 @@ def test_a_negative_task_inside_a_stream_runs_u2a_through_the_runner(tmp_path):
     assert 1 <= stage["selected"] <= 3 and stage["steps"] == 4
     records = read_metrics(tmp_path / "stream" / "metrics.jsonl")
     unlearn = [r for r in records if r.get("event") == "step" and r.get("stage") == "unlearn"]
-    assert len(unlearn) == 4 and all("loss/retain" in r and "loss/anchor" in r for r in unlearn)
+    # GradDiff has the retain term; the regulariser is GA's only (U2A's code, unlearn.reg_objectives: [ga])
+    assert len(unlearn) == 4 and all("loss/retain" in r and "loss/anchor" not in r for r in unlearn)
     matrix = scores["seqft"]["pref_acc"]["matrix"]
     assert matrix[1][1] is not None and not math.isnan(matrix[1][1])
 
@@ -206,3 +214,56 @@ def test_a_stream_killed_inside_an_unlearning_solve_resumes_exactly(tmp_path, mo
         load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "clean", tmp_path / "crashed")
     ]
     assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+# ----- the procedure around its solves (a recording solver, scores given) -----------------------------------------
+
+
+class _RecordingSolver:
+    """Stands for ``InnerSolver``: records each solve's planned steps; solve ``stop_at`` returns a stop event."""
+
+    def __init__(self, world: int, stop_at: int | None = None, scope: str = "epoch"):
+        self.world, self.stop_at, self.scope, self.planned = world, stop_at, scope, []
+
+    def solve(self, task, examples, loss, *, max_steps, plugins=(), weights=None, resume=None):
+        self.planned.append(max_steps)
+        if len(self.planned) - 1 != self.stop_at:
+            return SolveOutcome(planned_steps=max_steps, steps=max_steps)
+        event = {"event": "unlearn_stopped", "reason": "forget_nll_above_bound", "scope": self.scope}
+        return SolveOutcome(planned_steps=max_steps, steps=1, stopped=event, events=[event])
+
+
+def _procedure(solver, n: int = 10, **unlearn) -> tuple[U2A, U2AInputs]:
+    section = UnlearnSection(k=n, rounds=2, positive_only=False, inner_epochs=1.0, **unlearn)
+    train = RunConfig().train.model_copy(update={"batch_size": 2, "grad_accum": 1})
+    procedure = U2A(section, train, None, 0, None, solver, plugins=lambda label: [], task=Task("t", []))
+
+    def scores(inputs, subset=None, weights=None):
+        m = n if subset is None else len(subset)
+        return ScoreResult(torch.arange(m, 0, -1, dtype=torch.float64), objective=0.5, grad_norm=1.0)
+
+    procedure.scores = scores
+    return procedure, U2AInputs([{"id": str(i)} for i in range(n)], [], torch.zeros(0, 2))
+
+
+def test_each_solve_counts_its_steps_on_the_global_batch_of_every_process():
+    """10 selected, batch 2, no accumulation: one epoch is ceil(10 / (2 * 2)) = 3 steps on 2 processes (5 on one,
+    which each process would otherwise run, i.e. 2 epochs); 3 solves, so the baselines' budget is 9."""
+    for world, steps in ((2, 3), (1, 5)):
+        solver = _RecordingSolver(world)
+        procedure, inputs = _procedure(solver)
+        progress = procedure.run(inputs, U2AProgress(), lambda p: None)
+        assert solver.planned == [steps] * 3 and progress.finished and not progress.stopped
+        assert procedure.budget(10) == 3 * steps == procedure.steps_per_solve(10) * 3
+
+
+@pytest.mark.parametrize(("scope", "solves", "stopped"), [("epoch", 3, False), ("solve", 3, False), ("run", 1, True)])
+def test_a_stop_in_the_first_solve_ends_the_run_only_with_scope_run(scope, solves, stopped):
+    """U2A's code: the stop leaves an epoch and every later round still runs (``epoch``, ``solve``); ours as the
+    option ``run``: the first stop ends the procedure. The event is recorded either way."""
+    solver = _RecordingSolver(world=1, stop_at=0, scope=scope)
+    procedure, inputs = _procedure(solver, stop_scope=scope)
+    progress = procedure.run(inputs, U2AProgress(), lambda p: None)
+    assert len(solver.planned) == solves and progress.stopped is stopped and progress.finished
+    assert [e["scope"] for e in progress.events] == [scope]
+    assert [r["round"] for r in progress.rounds] == list(range(solves))

@@ -23,13 +23,23 @@ class UnlearnSection(Section):
     """The minimised unlearning loss on a negative (forget) response: any unlearning loss of ``lifealign.losses``
     (``ga``, ``grad_diff`` = ``ga`` + a retain term, ``npo``, ``simnpo``; checked when the config is bound)."""
     loss_args: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments of the forget loss (``npo``: ``beta``; ``simnpo``: ``beta``, ``delta``), checked at bind."""
+    """Keyword arguments of the forget loss (``npo``: ``beta``, ``reduction``; ``simnpo``: ``beta``, ``delta``),
+    checked at bind."""
+    forget_reduction: Literal["mean", "sum"] = "mean"
+    """How a forget loss with a ``reduction`` argument (NPO) reduces the forget response's log-likelihood: ``mean``
+    per response token (U2A's code, which takes NPO on ``outputs.loss``, the mean token NLL) or ``sum`` (the NPO
+    paper). Applies to the objective and the full-set baselines; ``loss_args.reduction`` overrides it for the
+    objective. GA, GradDiff and SimNPO always use the per-token mean (U2A's code too)."""
     retain: Literal["kl", "nll"] = "kl"
     """GradDiff's retain term: token KL(original || policy) on retain sequences (U2A's code) or their NLL."""
     retain_weight: float = Field(0.3, ge=0.0)
     """Weight ``c`` of the retain term (0.3 in U2A's ``u2a_gradiff.py``)."""
     reg_weight: float = Field(0.1, ge=0.0)
     """``lambda_reg`` of the pull toward the starting adapter, ``mean_p ||theta_p - theta_0,p||^2`` (U2A: 0.1)."""
+    reg_objectives: list[str] = Field(default_factory=lambda: ["ga"])
+    """The objectives whose inner problem has the regulariser: U2A's code adds it to GA only (``u2a.py``;
+    ``u2a_gradiff.py`` backpropagates GA + 0.3 KL without it, NPO never has it). List every objective
+    (``[ga, grad_diff, npo, simnpo]``) to regularise all; checked when the config is bound."""
     lr: float | None = Field(None, gt=0)
     """Inner learning rate; ``None`` = ``train.lr``."""
     inner_epochs: float = Field(1.0, gt=0)
@@ -37,9 +47,16 @@ class UnlearnSection(Section):
     inner_max_steps: int | None = Field(None, gt=0)
     """Optimizer steps per inner solve; overrides ``inner_epochs``."""
     max_forget_nll: float | None = Field(None, gt=0)
-    """Stop unlearning once the forget NLL (mean per token) exceeds this bound (RELIABILITY R6); None = never."""
+    """Stop unlearning once the forget batch's NLL (mean per response token) exceeds this bound for ``stop_patience``
+    consecutive micro-batches (RELIABILITY R6); what the stop ends is ``stop_scope``; None = never."""
     stop_patience: int = Field(4, ge=1)
     """Consecutive micro-batches above ``max_forget_nll`` before the stop fires (U2A's code: 4)."""
+    stop_scope: Literal["epoch", "solve", "run"] = "epoch"
+    """What the forget-NLL stop ends. ``epoch`` (U2A's code, whose ``break`` leaves only the batch loop): the rest of
+    the current epoch of the solve; the solve goes on with its next epoch (the count of consecutive micro-batches
+    above the bound carries over, as in the code), and every later round still runs. ``solve``: the rest of the
+    solve; later rounds still run. ``run``: the whole U2A procedure (also when the forget NLL of the selected set
+    exceeds the bound after a solve). A full-set baseline is one solve, so ``solve`` and ``run`` agree there."""
 
     # ----- outer problem: selection and weights -----
     selection: Literal["u2a", "all"] = "u2a"
@@ -104,4 +121,6 @@ class UnlearnSection(Section):
     def _distinct_baselines(self) -> UnlearnSection:
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError(f"unlearn.baselines: names must be distinct, got {self.baselines}")
+        if len(set(self.reg_objectives)) != len(self.reg_objectives):
+            raise ValueError(f"unlearn.reg_objectives: names must be distinct, got {self.reg_objectives}")
         return self

@@ -7,7 +7,14 @@
 - ``ForgetNLLGuard``: the stop rule of RELIABILITY R6 — once the forget batch's mean per-token NLL exceeds a bound
   for ``patience`` consecutive micro-batches, it asks the loop to stop (``Plugin.stop_request``) *before* that
   micro-batch's backward, so no update is taken at the stopping step; the stage returns the structured
-  ``unlearn_stopped`` event (on every rank, when any rank's batch trips it).
+  ``unlearn_stopped`` event (on every rank, when any rank's batch trips it) carrying the guard's ``scope``: what the
+  stop ends (``epoch``, ``solve`` or ``run``; ``inner.InnerSolver`` and ``u2a.U2A`` act on it).
+
+  U2A's code (``optimize_inner``) checks its "bad loss" *after* the step's update, so the update of the micro-batch
+  that trips the bound is taken there and not here; after a trigger its later epochs therefore take one step each
+  while the bound stays exceeded, ours none. Its "bad loss" is ``-normal_loss``: the forget batch's mean response
+  NLL for GA and GradDiff (less ``lamda * reg`` for GA), but minus the NPO loss for NPO; ours is the forget NLL for
+  every objective (docs/METHODS.md, "stop rule").
 
 Retain batches are a pure function of (seed, optimizer step, micro-batch), so a resumed stage draws the same ones.
 """
@@ -136,12 +143,16 @@ def retain_kl(model: nn.Module, batch: dict[str, Any], reference_state: dict[str
 
 
 class ForgetNLLGuard(Plugin):
-    """Stop the stage when the forget NLL stays above ``bound`` for ``patience`` consecutive micro-batches."""
+    """Stop the stage when the forget NLL stays above ``bound`` for ``patience`` consecutive micro-batches.
+
+    The count is reset at the start of a stage unless ``load_state_dict`` restored it: a stage resumed mid-way, or
+    the next epoch of a solve whose previous epoch this stop ended (``scope="epoch"``), keeps it.
+    """
 
     name = "forget_guard"
 
-    def __init__(self, bound: float, patience: int = 4, label: str = ""):
-        self.bound, self.patience, self.label = bound, patience, label
+    def __init__(self, bound: float, patience: int = 4, label: str = "", scope: str = "run"):
+        self.bound, self.patience, self.label, self.scope = bound, patience, label, scope
         self.count = 0
         self._restored = False
 
@@ -172,4 +183,5 @@ class ForgetNLLGuard(Plugin):
             "forget_nll": nll,
             "bound": self.bound,
             "patience": self.patience,
+            "scope": self.scope,
         }

@@ -9,7 +9,13 @@
         s_S  = impact scores of S at the current theta
         w_S <- w_S * exp(-eta g_S) / Z,  g_i = -s_i/std(s_S) + beta_s / (2 sqrt w_i)   (sum w = |S|)
         solve again (warm start from the current theta, as the code does)
-    stop early when the stop rule fires inside a solve, or the forget NLL of S exceeds the bound after one.
+    stop rule (unlearn.stop_scope): epoch (U2A's code) = leave the current epoch of the solve; solve = end the
+    solve; run = end the procedure (also when the forget NLL of S exceeds the bound after a solve)
+
+A solve is ``steps_per_solve`` optimizer steps counted on the global batch (``world`` processes, from the solver's
+accelerator), so ``inner_epochs`` means the same passes over S on any number of processes. The regulariser's weight
+(also the curvature it adds to the Hessian of the scores) is ``objectives.inner_reg_weight``: ``reg_weight`` for the
+objectives of ``unlearn.reg_objectives`` (U2A's code: GA only), else 0.
 
 The procedure is resumable: its whole position is the JSON-able ``U2AProgress`` plus the adapter, committed by the
 caller's ``commit`` after every scoring, weight update and solve; a solve interrupted between two of those resumes
@@ -35,7 +41,7 @@ from lifealign.training.plugin import Plugin
 from lifealign.unlearning.evaluate import mean_token_nll
 from lifealign.unlearning.influence import ScoreResult, impact_scores
 from lifealign.unlearning.inner import InnerSolver
-from lifealign.unlearning.objectives import steps_per_solve
+from lifealign.unlearning.objectives import inner_reg_weight, steps_per_solve
 from lifealign.unlearning.selection import choose_k, select_top_k, update_weights, weight_stats
 from lifealign.utils.jsonio import nan_to_null
 
@@ -91,9 +97,10 @@ def score_stats(scores: Tensor) -> dict[str, float]:
     }
 
 
-def u2a_budget(section: UnlearnSection, train: TrainSection, n_selected: int) -> int:
-    """Optimizer steps U2A plans in total: ``(rounds + 1)`` solves of ``steps_per_solve`` each."""
-    return (section.rounds + 1) * steps_per_solve(section, train, n_selected)
+def u2a_budget(section: UnlearnSection, train: TrainSection, n_selected: int, world: int = 1) -> int:
+    """Optimizer steps U2A plans in total: ``(rounds + 1)`` solves of ``steps_per_solve`` each on ``world``
+    processes."""
+    return (section.rounds + 1) * steps_per_solve(section, train, n_selected, world)
 
 
 class U2A:
@@ -112,6 +119,14 @@ class U2A:
     ):
         self.section, self.train, self.model, self.pad_id = section, train, model, pad_id
         self.loss, self.solver, self.plugins, self.task = loss, solver, plugins, task
+
+    def steps_per_solve(self, n_selected: int) -> int:
+        """Optimizer steps of one solve over ``n_selected`` examples on the solver's number of processes."""
+        return steps_per_solve(self.section, self.train, n_selected, self.solver.world)
+
+    def budget(self, n_selected: int) -> int:
+        """``u2a_budget`` on the solver's number of processes (the step budget of the baselines)."""
+        return u2a_budget(self.section, self.train, n_selected, self.solver.world)
 
     # ----- scores ------------------------------------------------------------------------------------------------
     def scores(
@@ -139,7 +154,7 @@ class U2A:
             hessian_examples=[cands[i] for i in h_idx],
             hessian_weights=h_weights,
             hessian_ref_logps=cand_ref[h_idx] if cand_ref is not None else None,
-            reg_weight=sec.reg_weight,
+            reg_weight=inner_reg_weight(sec, sec.objective),
             damping=sec.hessian_damping,
             iters=sec.hessian_iters,
             lissa_scale=sec.lissa_scale,
@@ -197,27 +212,27 @@ class U2A:
 
     def _solve(self, inputs: U2AInputs, progress: U2AProgress, r: int, resume: dict[str, Any] | None) -> None:
         examples = [dict(inputs.candidates[i], index=j) for j, i in enumerate(progress.selected)]
-        steps = steps_per_solve(self.section, self.train, len(examples))
         outcome = self.solver.solve(
             self.task,
             examples,
             self.loss,
-            max_steps=steps,
+            max_steps=self.steps_per_solve(len(examples)),
             plugins=self.plugins(f"solve{r}"),
             weights=torch.tensor(progress.weights, dtype=torch.float32),
             resume=resume,
         )
         progress.solves_done = r + 1
         progress.rounds[-1]["solve"] = outcome.to_json()
-        if outcome.stopped is not None:
-            progress.events.append(outcome.stopped)
+        progress.events.extend(outcome.events)
+        ends_run = self.section.stop_scope == "run"
+        if outcome.stopped is not None and ends_run:
             progress.stopped = True
             return
         bound = self.section.max_forget_nll
         if bound is not None:
             nll = mean_token_nll(self.model, examples, "rejected", self.pad_id, self.section.score_batch_size)
             progress.rounds[-1]["forget_nll"] = nll
-            if nll > bound:
+            if nll > bound and ends_run:
                 progress.events.append(
                     {
                         "event": "unlearn_stopped",
