@@ -343,3 +343,64 @@ def test_state_round_trip_mid_stage_resumes_exactly(tiny_lora_model, tmp_path):
     assert not any(k.startswith("w0/") for k in resumed.state_dict()["tensors"])  # W0 is gone after the stage
     with pytest.raises(ValueError, match="granularity"):
         SLMCPlugin(granularity="product").load_state_dict(original.state_dict())
+
+
+def _factors(model) -> dict[str, torch.Tensor]:
+    """``{"<module>.lora_A": A, "<module>.lora_B": B}``, the keys of the plugin's history."""
+    out = {}
+    for module, (a, b) in lora_modules(model).items():
+        out[f"{module}.lora_A"], out[f"{module}.lora_B"] = a.detach().clone(), b.detach().clone()
+    return out
+
+
+def test_sft_and_preference_stages_share_one_history_in_stage_order(tiny_lora_model):
+    """``stages: [sft, pref]`` over two tasks: every matrix's history is [SFT_0, RL_0, SFT_1, RL_1] (METHODS.md §1.3).
+
+    Oracle (float64 numpy, θ = 1 so nothing is truncated, λ = 0.5): the j-th entry is ``d_j − 0.5 P_j d_j`` with
+    ``d_j`` the raw update of the j-th stage and ``P_j`` the orthogonal projection onto the span of entries 0..j−1
+    (least squares), so RL_0 is damped along SFT_0 of the same task, SFT_1 along both, RL_1 along all three.
+    """
+    model, _ = tiny_lora_model
+    plugin = SLMCPlugin(theta=1.0, lam=0.5, stages=["sft", "pref"])
+    expected: dict[str, list[np.ndarray]] = {}
+    for index, stage, seed in ((0, "sft", 11), (0, "pref", 12), (1, "sft", 13), (1, "pref", 14)):
+        before = _factors(model)
+        run_stage(plugin, model, index, seed=seed, stage=stage)
+        trained = {k: v + 0 for k, v in before.items()}
+        g = torch.Generator().manual_seed(seed)  # the update ``perturb`` drew: A then B per module, in order
+        for module, (a, b) in lora_modules(model).items():
+            trained[f"{module}.lora_A"] = before[f"{module}.lora_A"] + 0.1 * torch.randn(a.shape, generator=g)
+            trained[f"{module}.lora_B"] = before[f"{module}.lora_B"] + 0.1 * torch.randn(b.shape, generator=g)
+        for key in before:
+            d = (trained[key] - before[key]).double().reshape(-1).numpy()
+            rows = expected.setdefault(key, [])
+            if rows:
+                h = np.stack(rows, axis=1)
+                p = h @ np.linalg.lstsq(h, d, rcond=None)[0]
+                d = d - 0.5 * p
+            rows.append(d)
+    assert [(r["task_index"], r["stage"]) for r in plugin.reports] == [(0, "sft"), (0, "pref"), (1, "sft"), (1, "pref")]
+    assert set(plugin.history) == set(expected)
+    for key, rows in expected.items():
+        assert len(plugin.history[key]) == 4
+        for got, want in zip(plugin.history[key], rows):
+            np.testing.assert_allclose(got.double().numpy(), want, atol=2e-5, rtol=0)
+    first = next(iter(expected))
+    assert [r["matrices"][first]["history_rank"] for r in plugin.reports] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("config", "stages", "sft"),
+    [("paper-six-tasks.yaml", ("sft", "pref"), True), ("real-lifealign.yaml", ("pref",), False)],
+)
+def test_shipped_lifealign_configs_state_which_stages_slmc_consolidates(config, stages, sft):
+    """The authors'-settings config runs the SFT stage and consolidates after it too (their code); the CPU config has
+    no SFT stage and consolidates the preference stage only (the paper)."""
+    from pathlib import Path
+
+    from lifealign.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "lifealign" / config)
+    (spec,) = [p for p in cfg.method.plugins if p.name == "slmc"]
+    plugin = bind_plugin({"name": spec.name, **spec.kwargs}).build()
+    assert plugin.stages == stages and cfg.sft.enabled is sft

@@ -11,9 +11,12 @@ After a training stage, the stage's LoRA update (the short-term memory ``SM = W_
 
 Options (``{name: slmc, ...}`` YAML keys):
 
-- ``stages``: ``("pref",)`` (paper: SLMC after FPO) or ``("sft", "pref")`` (authors' code: also after the SFT stage,
-  with one shared history per matrix, so the preference update of task t is projected against the SFT update of the
-  same task too).
+- ``stages``: ``("pref",)`` (default; paper: SLMC after FPO) or ``("sft", "pref")`` (authors' code: also after the
+  SFT stage, with one shared history per matrix, [SFT_0, RL_0, SFT_1, RL_1, …], so the preference update of task t
+  is projected against the SFT update of the same task too). Only the second denoises, projects and remembers the
+  SFT update, which at the authors' learning rates (SFT 1e-4, FPO 5e-6) is the larger one.
+  ``configs/lifealign/paper-six-tasks.yaml`` (SFT on) sets ``[sft, pref]``; the shipped configs without an SFT stage
+  set or keep ``[pref]`` (docs/METHODS.md).
 - ``granularity``: ``"factors"`` (paper and code): every ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r) is
   consolidated on its own, so the effective ``ΔW = B A`` is not itself denoised. ``"product"`` (ours): per module
   the effective update ``SM = B A − B0 A0`` (d_out, d_in; without the constant ``alpha/r`` scale, which changes
