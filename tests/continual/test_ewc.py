@@ -161,6 +161,71 @@ def test_second_task_sums_fishers_and_moves_the_anchor(tiny_lora_model, tmp_path
     assert plugin.tasks == [0, 1] and plugin.n_fishers == 2
 
 
+def _sft_losses_oracle(model, tokenizer, data, pairs):
+    """Per-example SFT losses from scratch: the mean over response tokens of -log p(token | prefix), from logits."""
+    out = []
+    for ex in tokenize_pairs(pairs, tokenizer, data, sides=("chosen",)).examples:
+        ids = torch.tensor([ex["prompt_ids"] + ex["chosen_ids"]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        start = len(ex["prompt_ids"])
+        token_logps = [logp[t - 1, ids[0, t]] for t in range(start, ids.shape[1])]
+        out.append(-torch.stack(token_logps).mean())
+    return out
+
+
+def test_after_the_sft_stage_the_fisher_is_the_sft_losss_and_the_anchor_the_post_sft_weights(tiny_lora_model, tmp_path):
+    """As the authors' BaseTrainerCL (register_ewc_params after SFT): F = mean per-example squared gradient of the
+    SFT loss on the task's SFT records, θ* = the post-SFT weights; the task's own preference stage is then
+    penalised. ``after_task`` registers again with the method's loss (sum: F_sft + F_dpo) and moves θ*."""
+    model, tokenizer = tiny_lora_model
+    perturb_lora_b(model)
+    ctx = _ctx(model, tokenizer, tmp_path, stage="sft")
+    plugin = EWCPlugin(n_samples=len(PAIRS), batch_size=1)
+    plugin.after_stage(ctx)
+    assert plugin.registered == ["0:sft"] and plugin.tasks == [] and plugin.n_fishers == 1
+    params = lora_parameters(model)
+    expected = {k: torch.zeros_like(p) for k, p in params.items()}
+    model.eval()
+    losses = _sft_losses_oracle(model, tokenizer, ctx.data, PAIRS)
+    for loss in losses:
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (k, _), g in zip(params.items(), grads):
+            if g is not None:
+                expected[k] += g.pow(2) / len(losses)
+    for k in params:
+        assert torch.allclose(plugin.fisher[k], expected[k], rtol=1e-4, atol=1e-12), k
+        assert torch.equal(plugin.anchor[k], params[k].detach().float())
+    sft_fisher = {k: v.clone() for k, v in plugin.fisher.items()}
+    ctx.stage = "pref"
+    assert plugin.extra_loss(ctx, {}, {}).item() == 0.0  # the preference stage of task 0 is penalised from here
+    perturb_lora_b(model, seed=4)
+    assert plugin.extra_loss(ctx, {}, {}).item() > 0.0
+    plugin.after_task(ctx)
+    dpo_fisher = plugin.task_fisher(ctx, plugin_records(plugin, ctx))
+    assert plugin.registered == ["0:sft", "0:task"] and plugin.tasks == [0] and plugin.n_fishers == 2
+    for k in params:
+        assert torch.allclose(plugin.fisher[k], sft_fisher[k] + dpo_fisher[k], rtol=1e-5, atol=1e-12)
+        assert torch.equal(plugin.anchor[k], params[k].detach().float())
+    plugin.after_stage(_ctx(model, tokenizer, tmp_path, stage="sft"))  # a repeated phase is not counted twice
+    assert plugin.n_fishers == 2
+
+
+def test_without_consolidate_sft_only_the_end_of_task_registers(tiny_lora_model, tmp_path):
+    model, tokenizer = tiny_lora_model
+    perturb_lora_b(model)
+    plugin = EWCPlugin(n_samples=3, consolidate_sft=False)
+    plugin.after_stage(_ctx(model, tokenizer, tmp_path, stage="sft"))
+    assert plugin.fisher is None and plugin.registered == []
+    ctx = _ctx(model, tokenizer, tmp_path, stage="sft")
+    assert plugin.extra_loss(ctx, {}, {}) is None
+    on = EWCPlugin(n_samples=3)
+    for stage in ("pref", "unlearn"):  # only the SFT stage registers in after_stage
+        on.after_stage(_ctx(model, tokenizer, tmp_path, stage=stage))
+    assert on.fisher is None and on.registered == []
+    plugin.after_task(ctx)
+    assert plugin.registered == ["0:task"] and plugin.n_fishers == 1
+
+
 def plugin_records(plugin, ctx):
     from lifealign.training.stored import sample_records
 
@@ -179,7 +244,11 @@ def test_state_round_trip_restores_the_same_penalty(tiny_lora_model, tmp_path):
     restored = EWCPlugin(lam=5.0, n_samples=3, accumulate="mean")
     restored.load_state_dict(state)
     assert restored.extra_loss(ctx, {}, {}).item() == plugin.extra_loss(ctx, {}, {}).item() > 0
-    assert restored.tasks == [0] and restored.n_fishers == 1
+    assert restored.tasks == [0] and restored.n_fishers == 1 and restored.registered == ["0:task"]
+    old_meta = {k: v for k, v in state["meta"].items() if k != "registered"}  # a checkpoint from before "registered"
+    older = EWCPlugin(lam=5.0, n_samples=3, accumulate="mean")
+    older.load_state_dict({"tensors": state["tensors"], "meta": old_meta})
+    assert older.registered == ["0:task"]
     with pytest.raises(ValueError, match="accumulate"):
         EWCPlugin(accumulate="sum").load_state_dict(state)
 

@@ -4,25 +4,35 @@
 
 over the trainable LoRA parameters θ (``lora_parameters``), where
 
-- ``θ*`` (the anchor) is the LoRA weights at the end of the latest finished task (``after_task``), as in the
-  authors' ``EWCManager`` (one anchor, overwritten per task);
-- ``F`` is the diagonal empirical Fisher of the *method's own loss* (``ctx.loss``, e.g. DPO) at ``θ*``:
+- ``θ*`` (the anchor) is the LoRA weights at the latest *registration*, as in the authors' ``EWCManager`` (one
+  anchor, overwritten at each ``register_ewc_params``). The authors' ``BaseTrainerCL`` registers twice per task
+  when the SFT stage runs: after the SFT stage (Fisher of the SFT loss on the task's SFT data, anchor = the
+  post-SFT weights, so the task's own preference stage is pulled toward them) and after the DPO stage (Fisher of
+  the DPO loss, anchor = the end-of-task weights). ``consolidate_sft=True`` (default) does the same: ``after_stage``
+  of the ``sft`` stage registers with the SFT loss (token NLL of the chosen responses, as the SFT stage trains)
+  on the task's records with a chosen response, and ``after_task`` registers with the method's loss.
+  ``consolidate_sft=False`` registers only after the task. Without an SFT stage the two agree.
+- ``F`` is the diagonal empirical Fisher of the loss of the stage registered (``ctx.loss``, e.g. DPO, after the
+  task; the SFT loss after the SFT stage) at ``θ*``:
   ``F_i = (1/M) Σ_m (∂ℓ_m/∂θ_i)²`` over ``M`` mini-batches of ``batch_size`` examples taken, in a seeded random
-  order, from ``n_samples`` pairs of the finished task's own training data (not the replay buffer).
+  order, from ``n_samples`` pairs of the finished task's own training data (not the replay buffer; the authors use
+  the whole task dataset).
   ``batch_size=1`` squares per-example gradients (the textbook empirical Fisher); the authors' code squares the
   gradients of its training mini-batches. Dropout is off (``model.eval()``) while the Fisher is computed. When the
   loss needs reference log-probs they come from the base model (adapter disabled), the ``reference: base``
   setting; with ``reference: previous`` the Fisher still uses the base reference.
-- Fishers of successive tasks are combined by ``accumulate``:
+- Fishers of successive registrations (two per task with ``consolidate_sft`` and an SFT stage) are combined by
+  ``accumulate``:
 
   * ``"sum"`` (default): ``F = Σ_k F_k``. With one shared anchor this is "online EWC" with γ = 1 and equals
-    ``Σ_k (λ/2) F_k (θ − θ*)²``: every past task keeps its full weight.
-  * ``"mean"``: the running mean ``F = (1/T) Σ_k F_k`` over the T finished tasks (the penalty's scale does not grow
+    ``Σ_k (λ/2) F_k (θ − θ*)²``: every past registration keeps its full weight.
+  * ``"mean"``: the running mean ``F = (1/K) Σ_k F_k`` over the K registrations (the penalty's scale does not grow
     with the number of tasks).
-  * ``"replace"``: only the latest task's Fisher (the authors' code recomputes ``fisher_info`` from zeros).
+  * ``"replace"``: only the latest Fisher (the authors' code recomputes ``fisher_info`` from zeros).
 
 - The penalty is added in every stage listed in ``stages`` (default SFT and preference: the authors run EWC in both
-  trainers). There is no penalty during the first task (no Fisher yet).
+  trainers) once a Fisher exists: from the first task's preference stage when the SFT stage registers, from the
+  second task otherwise.
 
 ``lam`` defaults to the authors' 0.1. On LoRA weights the squared gradients of a DPO loss are small (mean entry
 ≈1e-4 on the tiny test model), and LoRA weights move little per task, so ``(λ/2) F Δθ²`` can be negligible next to
@@ -32,6 +42,7 @@ papers use 10²–10⁴) when it is.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -39,6 +50,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lifealign.config.schema import LossTerm
+from lifealign.data.records import PreferencePair
+from lifealign.losses import CombinedLoss, bind_losses
 from lifealign.models.lora import lora_parameters
 from lifealign.training.plugin import Plugin, PluginContext, TrainingStage
 from lifealign.training.step import forward_loss
@@ -132,6 +146,7 @@ class EWCPlugin(Plugin):
         batch_size: int = 1,
         accumulate: Accumulation = "sum",
         stages: tuple[TrainingStage, ...] = ("sft", "pref"),
+        consolidate_sft: bool = True,
         seed: int = 0,
     ):
         self.lam = check_range("lam", lam, low=0)
@@ -139,15 +154,18 @@ class EWCPlugin(Plugin):
         self.batch_size = check_range("batch_size", batch_size, low=1)
         self.accumulate = accumulate
         self.stages = check_distinct("stages", stages)
+        self.consolidate_sft = consolidate_sft
         self.seed = seed
         self.fisher: dict[str, Tensor] | None = None
         """Accumulated diagonal Fisher per LoRA parameter name (CPU float32)."""
         self.anchor: dict[str, Tensor] | None = None
-        """θ*: the LoRA weights at the end of the latest finished task (CPU float32)."""
+        """θ*: the LoRA weights at the latest registration (CPU float32)."""
         self.tasks: list[int] = []
-        """Indices of the finished tasks (anchor updates)."""
+        """Indices of the finished tasks (registrations after the task)."""
+        self.registered: list[str] = []
+        """Every registration, in order: ``"<task index>:sft"`` (after the SFT stage) or ``"<task index>:task"``."""
         self.n_fishers = 0
-        """How many task Fishers ``fisher`` combines (the count of the running mean)."""
+        """How many Fishers ``fisher`` combines (the count of the running mean)."""
         self.reports: list[dict[str, Any]] = []
         self._on_device: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -163,25 +181,42 @@ class EWCPlugin(Plugin):
             fisher[name], anchor[name] = self._device_copy(name, params[name].device)
         return ewc_penalty(params, fisher, anchor, self.lam)
 
+    def after_stage(self, ctx: PluginContext) -> None:
+        if ctx.stage == "sft" and self.consolidate_sft:
+            records = [r for r in ctx.task.train if r.chosen.strip()]  # the records the SFT stage trains on
+            self.register(dataclasses.replace(ctx, loss=sft_fisher_loss()), "sft", records)
+
     def after_task(self, ctx: PluginContext) -> None:
-        if ctx.task_index in self.tasks:
-            logger.warning("ewc: task %d already consolidated; not counted twice", ctx.task_index)
+        self.register(ctx, "task", list(ctx.task.train))
+
+    def register(self, ctx: PluginContext, when: str, pool: list[PreferencePair]) -> None:
+        """Fisher of ``ctx.loss`` on ``n_samples`` of ``pool`` accumulated into ``F``; the anchor moves to the current
+        weights (the authors' ``register_ewc_params``). ``when`` is ``sft`` or ``task``."""
+        key = f"{ctx.task_index}:{when}"
+        if key in self.registered:
+            logger.warning("ewc: task %d (%s) already registered; not counted twice", ctx.task_index, when)
             return
-        records = sample_records(ctx.task.train, self.n_samples, f"{self.seed}:{ctx.task_index}")
+        salt = "" if when == "task" else f":{when}"
+        records = sample_records(pool, self.n_samples, f"{self.seed}:{ctx.task_index}{salt}")
         new = self.task_fisher(ctx, records)
         if new is None:
             logger.warning(
-                "ewc: task %r has no usable pair for the Fisher; the anchor moves, F is unchanged", ctx.task.name
+                "ewc: task %r (%s) has no usable example for the Fisher; the anchor moves, F is unchanged",
+                ctx.task.name,
+                when,
             )
         else:
             self.fisher = accumulate_fisher(self.fisher, new, self.n_fishers, self.accumulate)
             self.n_fishers += 1
         self.anchor = {name: p.detach().float().cpu().clone() for name, p in lora_parameters(ctx.model).items()}
         self._on_device = {}
-        self.tasks.append(ctx.task_index)
+        self.registered.append(key)
+        if when == "task":
+            self.tasks.append(ctx.task_index)
         report = {
             "task_index": ctx.task_index,
             "task": ctx.task.name,
+            "after": when,
             "n_records": len(records),
             "task_fisher": fisher_stats(new or {}),
             "accumulated": fisher_stats(self.fisher or {}),
@@ -189,8 +224,8 @@ class EWCPlugin(Plugin):
         self.reports.append(report)
 
     def task_fisher(self, ctx: PluginContext, records: list) -> dict[str, Tensor] | None:
-        """The diagonal Fisher of the method's loss (``ctx.loss``) on ``records`` at the current weights (CPU
-        float32), None if no pair survives tokenisation."""
+        """The diagonal Fisher of ``ctx.loss`` (the method's loss, or the SFT loss after the SFT stage) on
+        ``records`` at the current weights (CPU float32), None if no example survives tokenisation."""
         model = ctx.model
         was_training = model.training
         model.eval()
@@ -218,8 +253,13 @@ class EWCPlugin(Plugin):
 
     # ----- reporting and resume ------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        """``{"tasks", "fisher": stats of the accumulated Fisher, "reports": per-task Fisher stats}``."""
-        return {"tasks": list(self.tasks), "fisher": fisher_stats(self.fisher or {}), "reports": list(self.reports)}
+        """``{"tasks", "registered", "fisher": stats of the accumulated Fisher, "reports": per-registration stats}``."""
+        return {
+            "tasks": list(self.tasks),
+            "registered": list(self.registered),
+            "fisher": fisher_stats(self.fisher or {}),
+            "reports": list(self.reports),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         tensors: dict[str, Tensor] = {}
@@ -230,6 +270,7 @@ class EWCPlugin(Plugin):
         meta = {
             "settings": {"accumulate": self.accumulate},
             "tasks": list(self.tasks),
+            "registered": list(self.registered),
             "n_fishers": self.n_fishers,
             "reports": list(self.reports),
         }
@@ -250,8 +291,14 @@ class EWCPlugin(Plugin):
         self.anchor = anchor or None
         self.n_fishers = int(meta.get("n_fishers", 0))
         self.tasks = [int(t) for t in meta.get("tasks", [])]
+        self.registered = [str(k) for k in meta.get("registered", [f"{t}:task" for t in self.tasks])]
         self.reports = list(meta.get("reports", []))
         self._on_device = {}
+
+
+def sft_fisher_loss() -> CombinedLoss:
+    """The loss of the SFT stage (token NLL of the chosen response, per-token mean), for the Fisher after it."""
+    return bind_losses([LossTerm(name="sft")], "ewc.sft")
 
 
 def fisher_stats(fisher: dict[str, Tensor]) -> dict[str, float]:
