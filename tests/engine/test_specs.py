@@ -111,3 +111,18 @@ def test_two_methods_with_one_name_are_refused():
     cfg = config_from_dict({"methods": [{"name": "x"}, {"name": "x"}]})
     with pytest.raises(ConfigError, match="names must be distinct"):
         bind_config(cfg)
+
+
+def test_the_config_names_the_conventions_the_registries_implement():
+    """config/ may not import evaluation/, so the names are repeated there as Literals; they must stay equal."""
+    import typing
+
+    from lifealign.config.schema import ConventionsSection
+    from lifealign.evaluation import matrix, scorers
+
+    fields = ConventionsSection.model_fields
+    registry = {**matrix.CONVENTIONS, **scorers.CONVENTIONS}
+    assert set(fields) == set(registry)
+    for name, field in fields.items():
+        assert typing.get_args(field.annotation) == tuple(registry[name]), name
+        assert field.default == registry[name][0], name

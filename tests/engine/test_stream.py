@@ -1,6 +1,7 @@
 """The stream runner: hook order, exact resume after SIGKILL, no repeated evaluation, MTL/STL runners."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -153,15 +154,21 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
     path = _write_cfg(tmp_path, tiny_config(tmp_path, n_tasks=1))
     result = _cli(["run", str(path), "--out", str(tmp_path / "empty"), "--resume"])
     assert result.returncode != 0
-    assert "no valid checkpoint in" in result.stderr
+    assert "holds no run to resume" in result.stderr
+    assert not (tmp_path / "empty").exists()  # a refused resume leaves nothing behind
 
 
 def test_resume_with_changed_config_is_refused(tmp_path):
     path = _write_cfg(tmp_path, tiny_config(tmp_path, n_tasks=1))
     out = tmp_path / "r"
     assert _cli(["run", str(path), "--out", str(out), "--no-report"]).returncode == 0
-    result = _cli(["run", str(path), "train.lr=0.5", "--out", str(out), "--resume"])
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    result = _cli(["run", str(path), "train.lr=0.5", "eval.max_examples=4", "--out", str(out), "--resume"])
     assert result.returncode != 0 and "config changed" in result.stderr
+    assert (
+        "train.lr, eval.max_examples differ" in result.stderr or "eval.max_examples, train.lr differ" in result.stderr
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before  # nothing was rewritten
 
 
 def test_mtl_fills_last_row_and_stl_the_diagonal(tmp_path):
@@ -201,3 +208,62 @@ def test_sigterm_commits_the_current_step_and_resume_matches(tmp_path, action, c
     adapter, scores, steps = _final_state(run_dir)
     assert all(torch.equal(ref_adapter[k], adapter[k]) for k in ref_adapter)
     assert scores == ref_scores and steps == ref_steps
+
+
+def test_scores_carry_intervals_and_every_cell_is_recomputable_from_its_items(tmp_path):
+    cfg = tiny_config(tmp_path, n_tasks=2, train={"max_steps": 2}, eval={"scorers": ["pref_acc"], "max_examples": 6})
+    scores = run_experiment(cfg, report=False)["seqft"]["pref_acc"]
+    lo, hi = scores["bwt_ci"]
+    assert lo <= scores["bwt"] <= hi and scores["bwt_se"] >= 0
+    assert scores["last_ci"][0] <= scores["last"] <= scores["last_ci"][1]
+    assert scores["n_items"] == [6, 6] and scores["n_seeds"] == 1 and scores["level"] == 0.95
+    assert all(math.isnan(v) for v in scores["matrix_ci"][0][1])  # task 1 is not evaluated after task 0
+    assert scores["conventions"] == {"bwt": "lifealign", "forgetting": "chaudhry", "fwt": "untrained"}
+    from lifealign.engine.items import read_items
+
+    records = read_items(tmp_path / "run" / "items.jsonl")
+    pref = [r for r in records if r["metric"] == "pref_acc"]
+    assert len(pref) == 2 + 3  # the untrained model on both tasks, then rows 0 (one task) and 1 (two tasks)
+    for r in pref:
+        cell = scores["initial"][r["task_index"]] if r["row"] is None else scores["matrix"][r["row"]][r["task_index"]]
+        assert sum(r["values"]) / len(r["values"]) == pytest.approx(cell, abs=1e-9)
+    assert all(len(r["ids"]) == 6 for r in pref)
+    on_disk = json.loads((tmp_path / "run" / "scores.json").read_text())["seqft"]["pref_acc"]
+    assert on_disk["bwt_ci"] == pytest.approx([lo, hi])
+
+
+@pytest.mark.slow
+def test_seeds_run_in_their_own_folders_and_a_kill_in_the_second_resumes_to_the_same_numbers(tmp_path):
+    """``--seeds 1,2``: seed-1/ and seed-2/, a top-level scores.json with intervals (hierarchical over the seeds),
+    comparisons.json and a report showing both; SIGKILL inside seed 2, then ``--resume``, ends identical."""
+    cfg = tiny_config(
+        tmp_path,
+        n_tasks=2,
+        methods=[
+            {"name": "seqft", "loss": {"name": "dpo"}},
+            {"name": "er", "loss": {"name": "dpo"}, "plugins": [{"name": "replay", "fraction": 0.5}]},
+        ],
+        train={"max_steps": 3, "save_every": 2},
+        eval={"scorers": ["pref_acc"], "max_examples": 6, "drift": False, "n_boot": 200},
+    )
+    path = _write_cfg(tmp_path, cfg)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert _cli(["run", str(path), "--out", str(clean), "--seeds", "1,2"]).returncode == 0
+    fault = "kill:point=step,seed=2,task=1,stage=pref,step=2"
+    assert _cli(["run", str(path), "--out", str(killed), "--seeds", "1,2"], fault=fault).returncode == -9
+    assert (killed / "seed-1" / "scores.json").exists() and not (killed / "scores.json").exists()
+    assert _cli(["run", str(path), "--out", str(killed), "--seeds", "1,2", "--resume"]).returncode == 0
+    scores = json.loads((clean / "scores.json").read_text())
+    assert json.loads((killed / "scores.json").read_text()) == scores
+    for method in ("seqft", "er"):
+        entry = scores[method]["pref_acc"]
+        assert entry["n_seeds"] == 2 and len(entry["bwt_ci"]) == 2 and len(entry["last_ci"]) == 2
+        assert len(entry["ap_ci"]) == 2 and len(entry["matrix_ci"]) == 2 and "variance_components" in entry
+        for seed in (1, 2):
+            assert (clean / f"seed-{seed}" / method / "items.jsonl").exists()
+    comparisons = json.loads((clean / "comparisons.json").read_text())
+    assert [(r["method"], r["baseline"], r["metric"]) for r in comparisons["rows"]] == [
+        ("er", "seqft", m) for m in ("bwt", "last", "ap")
+    ]
+    report = (clean / "report.md").read_text()
+    assert "er" in report and "[" in report and "p (Holm)" in report or "Holm" in report

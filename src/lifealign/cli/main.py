@@ -30,6 +30,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict-resume", action="store_true", help="an invalid newest checkpoint is an error")
     p.add_argument("--allow-config-change", action="store_true", help="resume although the config changed")
     p.add_argument("--no-report", action="store_true", help="skip report.md and the figures")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run_args(sub.add_parser("run", help="learn a stream of tasks with one or more methods, scoring every task"))
+    run = sub.add_parser("run", help="learn a stream of tasks with one or more methods, scoring every task")
+    _add_run_args(run)
+    run.add_argument("--seeds", type=_seed_list, help="run the stream once per seed, e.g. 1,2,3 (folders seed-<s>/)")
+    run.add_argument(
+        "--orders", type=int, help="K task orders: the config's, its named orders:, then seeded permutations"
+    )
     _add_run_args(sub.add_parser("train", help="train one preference task (DPO, IPO, FPO, ...) into a run folder"))
     _add_run_args(sub.add_parser("unlearn", help="U2A: align by unlearning a selected, weighted subset of negatives"))
     ev = sub.add_parser("eval", help="score the base model or a saved adapter on the config's tasks")
@@ -58,7 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="SeqFT vs LifeAlign on the offline synthetic suite with SmolLM2-135M")
     demo.add_argument("overrides", nargs="*")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"])
+    demo.add_argument(
+        "--resume",
+        nargs="?",
+        const="yes",
+        default="auto",
+        choices=["yes", "auto"],
+        help="default auto: a finished or interrupted demo in --out is continued, not redone",
+    )
+    demo.add_argument("--overwrite", action="store_true", help="redo the demo from scratch in --out")
     report = sub.add_parser("report", help="one table and the figures across run folders")
     report.add_argument("run_dirs", nargs="+")
     report.add_argument("--out", help="where report.md goes (default: the first run folder)")
@@ -70,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--model", help="also count tokens with this model's tokenizer (e.g. tiny)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
 
 
 def _resume_flag(value: str | None) -> bool | str:
@@ -91,6 +112,9 @@ def _cmd_run(args: argparse.Namespace, single_task: bool = False) -> int:
         strict_resume=args.strict_resume,
         allow_config_change=args.allow_config_change,
         report=not args.no_report,
+        seeds=getattr(args, "seeds", None),
+        orders=getattr(args, "orders", None),
+        overwrite=args.overwrite,
     )
     metrics = [m for m in dict.fromkeys(m for by_metric in scores.values() for m in by_metric) if m in SCORE_METRICS]
     print("\n".join(summary_table(scores, metrics, avg=len(metrics) > 1)).replace("\\_", "_"))
@@ -103,7 +127,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     from lifealign.engine.unlearn import run_unlearning
 
     cfg = load_run_config(args.config, args.overrides)
-    result = run_unlearning(cfg, out_dir=args.out, resume=_resume_flag(args.resume))
+    result = run_unlearning(cfg, out_dir=args.out, resume=_resume_flag(args.resume), overwrite=args.overwrite)
     print(json.dumps(result.get("table", result), indent=2, default=str))
     return 0
 
@@ -129,6 +153,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     args.strict_resume = False
     args.allow_config_change = False
     args.no_report = False
+    if args.overwrite:
+        args.resume = None
     return _cmd_run(args)
 
 

@@ -298,20 +298,48 @@ EXECUTION_ONLY_TRAIN_KEYS = ("save_every", "keep_checkpoints", "log_every", "ten
 """``train`` keys that change logging or speed, not the trajectory: a run may resume with other values."""
 
 
-def trajectory_hash(cfg: RunConfig, method: MethodSection | None = None) -> str:
-    """sha256 of the trajectory-affecting part of the config (logging and execution keys may change on resume).
+SCORE_ONLY_EVAL_KEYS = ("batch_size", "n_boot", "ci_level", "baseline")
+"""``eval`` keys that change speed or the summary statistics, not the scores of a cell: a run may resume with others."""
 
-    With ``method``, the hash covers that one method instead of the whole ``methods`` list, so adding a method to a
-    comparison does not invalidate the finished methods' checkpoints.
+
+def trajectory_signature(cfg: RunConfig, method: MethodSection | None = None) -> dict[str, Any]:
+    """The trajectory- and score-affecting part of the config, as JSON (``TRAJECTORY_KEYS`` plus ``eval``, without the
+    execution-only keys): what a resumed run must share with the checkpoint it continues.
+
+    With ``method``, it covers that one method instead of the whole ``methods`` list, so adding a method to a
+    comparison keeps the finished methods' checkpoints valid.
     """
     dumped = cfg.model_dump(mode="json")
-    train = dict(dumped["train"])
-    for key in EXECUTION_ONLY_TRAIN_KEYS:
-        train.pop(key, None)
-    dumped["train"] = train
+    dumped["train"] = {k: v for k, v in dumped["train"].items() if k not in EXECUTION_ONLY_TRAIN_KEYS}
+    dumped["eval"] = {k: v for k, v in dumped["eval"].items() if k not in SCORE_ONLY_EVAL_KEYS}
     dumped.setdefault("method", cfg.method.model_dump(mode="json"))  # left out of dumps when ``methods`` is set
     if method is not None:
         dumped["method"] = method.model_dump(mode="json")
         dumped["methods"] = []
-    payload = json.dumps({k: dumped[k] for k in TRAJECTORY_KEYS}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return json.loads(json.dumps({k: dumped[k] for k in (*TRAJECTORY_KEYS, "eval")}, sort_keys=True))
+
+
+def _changed_keys(old: Any, new: Any, path: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [c for k in keys for c in _changed_keys(old.get(k), new.get(k), f"{path}.{k}" if path else k)]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in _changed_keys(a, b, f"{path}.{i}")]
+    return [] if old == new else [path]
+
+
+def signature_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], int]:
+    """``(changed dotted keys, tasks appended)`` between a checkpoint's signature and the config's.
+
+    Appending tasks to the stream (``new["tasks"]`` starts with ``old["tasks"]``) is not a change: the run continues
+    the stream with them. Anything else that differs is listed, e.g. ``["eval.max_examples", "train.lr"]``.
+    """
+    old_tasks, new_tasks = old.get("tasks", []), new.get("tasks", [])
+    appended = len(new_tasks) - len(old_tasks) if new_tasks[: len(old_tasks)] == old_tasks else 0
+    old = {**old, "tasks": old_tasks + new_tasks[len(old_tasks) :] if appended > 0 else old_tasks}
+    return _changed_keys(old, new, ""), max(appended, 0)
+
+
+def trajectory_hash(cfg: RunConfig, method: MethodSection | None = None) -> str:
+    """sha256 of :func:`trajectory_signature` (a short name for a config's trajectory)."""
+    return hashlib.sha256(json.dumps(trajectory_signature(cfg, method), sort_keys=True).encode()).hexdigest()

@@ -176,6 +176,26 @@ class MethodSection(Section):
         return [v] if isinstance(v, dict) else v
 
 
+class ConventionsSection(Section):
+    """How the summary metrics and the text metrics are computed; each choice is recorded in scores.json.
+
+    The names are those of ``lifealign.evaluation.matrix.CONVENTIONS`` and ``lifealign.evaluation.scorers.CONVENTIONS``
+    (a test keeps them equal); docs/METHODS.md says where each comes from.
+    """
+
+    bwt: Literal["lifealign", "n_tasks"] = "lifealign"
+    """``lifealign``: BWT averaged over the first N−1 tasks (the paper); ``n_tasks``: over N (the last adds 0)."""
+    forgetting: Literal["chaudhry", "final"] = "chaudhry"
+    """``chaudhry``: the best score since learning minus the final one; ``final``: the diagonal minus the final."""
+    fwt: Literal["untrained", "all_prior"] = "untrained"
+    """``untrained``: score before learning minus the untrained model's; ``all_prior``: mean over every earlier row."""
+    bleu4: Literal["llamafactory", "sacrebleu"] = "llamafactory"
+    """``llamafactory``: the LifeAlign paper's numbers (LLaMA-Factory's per-sentence nltk BLEU-4 on characters,
+    smoothing method 3, ×100); ``sacrebleu``: sentence BLEU with the 13a tokenizer and exp smoothing."""
+    rouge_l: Literal["llamafactory", "rouge_score"] = "llamafactory"
+    """``llamafactory``: rouge-chinese ROUGE-L F on jieba words (the paper's); ``rouge_score``: Google's rouge-score."""
+
+
 class EvalSection(Section):
     """Which scorers run after every task and on what."""
 
@@ -190,6 +210,13 @@ class EvalSection(Section):
     """The LLM judge's endpoint (scorer ``judge``); the key is read from the env variable ``judge.api_key_env``."""
     reward_model: str | None = None
     """Local path of a sequence-classification reward model (scorer ``reward_model``)."""
+    conventions: ConventionsSection = Field(default_factory=ConventionsSection)
+    n_boot: int = Field(2000, ge=100)
+    """Bootstrap replicates behind every standard error, interval and paired test (``lifealign.evaluation.stats``)."""
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0)
+    """Level of every interval; comparisons test at ``1 − ci_level``."""
+    baseline: str = "seqft"
+    """The method every other one is compared with (paired tests); LifeAlign is a second reference when present."""
 
 
 class RunConfig(Section):
@@ -213,6 +240,17 @@ class RunConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     unlearn: UnlearnSection = Field(default_factory=UnlearnSection)
     """U2A (``lifealign unlearn``) and the negative-only tasks of a stream."""
+    orders: list[list[str]] = Field(default_factory=list)
+    """Named task orders for ``lifealign run --orders K`` (each a permutation of the tasks' names), e.g. the LifeAlign
+    paper's forward, reverse and 3→1→6→4→2→5 orders; past them, ``--orders`` draws seeded permutations."""
+
+    @model_validator(mode="after")
+    def _orders_are_permutations(self) -> RunConfig:
+        names = sorted(t.name for t in self.tasks)
+        for i, order in enumerate(self.orders):
+            if sorted(order) != names:
+                raise ValueError(f"orders.{i}: {order} is not a permutation of the task names {names}")
+        return self
 
     @model_validator(mode="before")
     @classmethod

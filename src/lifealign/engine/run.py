@@ -9,15 +9,18 @@ What a checkpoint holds is assembled from *parts* registered on the run, each ``
 ``load_state_dict`` with ``{"tensors": {...}, "meta": <JSON>}``): the adapter, the plugins, the reference policy, the
 owner's JSON state, ... Layout of ``checkpoints/ckpt-<seq>/`` (written atomically by ``Checkpointer``)::
 
-    state.json            config_hash, done phases, position, step count, elapsed time, each part's meta,
-                          the loop's JSON state (inside a stage), the metrics.jsonl offset
+    state.json            the config's signature, done phases, position, step count, elapsed time, each part's meta,
+                          the loop's JSON state (inside a stage), the offset of every append-only log
+                          (metrics.jsonl, items.jsonl): a resumed run truncates what came after the commit
     <part>.safetensors    each part's tensors (only parts that have some)
     loop.safetensors      the loop's tensors (cached reference log-probs)
     optimizer.pt          the loop's optimizer state (inside a stage)
 
 A part registered after :meth:`Run.restore` found a checkpoint is loaded from it at registration, once per name (a
 part that comes and goes, such as an unlearning stage's anchor, is restored only by the stage that saved it). A
-checkpoint written under another trajectory-affecting config is refused (``ResumeError``), unless allowed.
+checkpoint written under another trajectory- or score-affecting config is refused (``ResumeError`` naming every key
+that differs, ``config.load.signature_changes``), unless allowed; tasks appended to the stream are not a change (the
+run continues the stream with them: ``Run.appended_tasks``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lifealign.config.load import signature_changes
 from lifealign.training.checkpoint import Checkpoint, Checkpointer, CheckpointError
 from lifealign.training.faults import maybe_fault
 from lifealign.training.loop import LoopCheckpoint, StepCounter
@@ -86,11 +90,15 @@ LOOP = "loop"
 class Run:
     """The phases of one run folder and its checkpoints; only the main process writes."""
 
-    def __init__(self, directory: Path, config_hash: str, *, is_main: bool, keep: int, metrics: MetricsWriter):
+    def __init__(self, directory: Path, signature: dict[str, Any], *, is_main: bool, keep: int, metrics: MetricsWriter):
         self.checkpointer = Checkpointer(Path(directory) / "checkpoints", keep=keep)
-        self.config_hash = config_hash
+        self.signature = signature
+        """``config.load.trajectory_signature``: what a resumed run must share with its checkpoint."""
+        self.appended_tasks = 0
+        """Tasks the config appends to the stream of the restored checkpoint (an extended stream)."""
         self.is_main = is_main
-        self.metrics = metrics
+        self.logs: dict[str, MetricsWriter] = {"metrics": metrics}
+        """Append-only JSONL files whose offsets each checkpoint records."""
         self.done: list[str] = []
         """Finished phases, e.g. ``["initial:eval", "t0:before", "t0:pref", "t0:after", "t0:eval"]``."""
         self.steps = StepCounter()
@@ -122,18 +130,19 @@ class Run:
                 return False
             raise ResumeError(f"no valid checkpoint in {self.checkpointer.root}")
         st = ckpt.state
-        if st.get("config_hash") != self.config_hash and not allow_config_change:
+        changes, self.appended_tasks = signature_changes(st["signature"], self.signature)
+        if changes and not allow_config_change:
             raise ResumeError(
-                f"{ckpt.path}: the run's config changed since this checkpoint (a trajectory-affecting key of "
-                "model/data/tasks/method/train/sft/unlearn differs); resume with the same config or pass "
-                "--allow-config-change"
+                f"{ckpt.path}: the config changed since this checkpoint: {', '.join(changes)} differ. Resume with the "
+                "same config (appending tasks to the stream is allowed), or pass --allow-config-change"
             )
         self._restored = ckpt
         self.done = list(st["done"])
         self.position = dict(st["position"])
         self.steps.value = int(st["steps"])
         self._elapsed = float(st["elapsed"])
-        self.metrics.truncate_to(st["metrics_offset"])
+        for name, log in self.logs.items():
+            log.truncate_to(st["logs"].get(name, 0))
         if st.get(LOOP):
             tensors = ckpt.tensors(LOOP)
             self._loop_resume = {
@@ -146,6 +155,10 @@ class Run:
             self._load(name, part)
         logger.info("resumed from %s (phases done: %s)", ckpt.path, ", ".join(self.done[-4:]) or "none")
         return True
+
+    def register_log(self, name: str, log: MetricsWriter) -> None:
+        """Record ``log``'s offset in every checkpoint (and truncate it on resume). Register before ``restore``."""
+        self.logs[name] = log
 
     def register(self, name: str, part: Stateful) -> bool:
         """Carry ``part`` in every checkpoint from now on; returns True when it was loaded from the restored one."""
@@ -205,14 +218,14 @@ class Run:
             return
         states = {name: part.state_dict() for name, part in self.parts.items()}
         state = {
-            "config_hash": self.config_hash,
+            "signature": self.signature,
             "done": list(self.done),
             "position": dict(self.position),
             "steps": self.steps.value,
             "elapsed": self.elapsed,
             "parts": {name: s.get("meta", {}) for name, s in states.items()},
             LOOP: loop.state if loop is not None else None,
-            "metrics_offset": self.metrics.offset,
+            "logs": {name: log.offset for name, log in self.logs.items()},
         }
         tensors = {name: s.get("tensors", {}) for name, s in states.items()}
         if loop is not None:

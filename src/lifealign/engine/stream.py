@@ -18,17 +18,20 @@ from typing import Any
 
 import torch
 
-from lifealign.config.load import trajectory_hash
+from lifealign.config.load import trajectory_signature
 from lifealign.config.schema import RunConfig
 from lifealign.data.records import PreferencePair, Task, TaskStream
+from lifealign.engine.items import ITEMS_FILE, cell_record, read_items, uncertainty
 from lifealign.engine.parts import AdapterPart, PluginStates
 from lifealign.engine.run import JsonPart, Run, TensorPart
 from lifealign.engine.specs import MethodSpec, sft_loss
 from lifealign.engine.stages import UnlearnTask, train_stage, unlearn_stage
-from lifealign.evaluation.drift import DriftTracker, measure_drift
+from lifealign.evaluation.drift import DriftTracker, measure_drift_with_items
 from lifealign.evaluation.matrix import ScoreMatrix
-from lifealign.evaluation.scorers.base import EvalContext, Shard
+from lifealign.evaluation.scorers import evaluate_task_with_items
+from lifealign.evaluation.scorers.base import EvalContext, ItemScores, Shard, check_failures
 from lifealign.models.lora import load_lora_state, lora_state, save_adapter
+from lifealign.training.forward import adapter_swapped
 from lifealign.training.loop import StageContext
 from lifealign.training.metrics import MetricsWriter
 from lifealign.training.plugin import PluginContext
@@ -46,6 +49,16 @@ class MethodRun:
     stage_results: dict[str, dict[str, Any]] = field(default_factory=dict)
     drift: dict[str, Any] = field(default_factory=dict)
     """``DriftTracker`` state: each task's log-likelihoods when it was learned."""
+    n_tasks: int = 0
+    """Tasks of the stream the matrices were sized for (a resumed run may append tasks)."""
+
+    def grow(self, n: int) -> None:
+        """Pad every matrix and initial vector to ``n`` tasks (``None`` = not evaluated)."""
+        for metric, rows in self.scores.items():
+            self.scores[metric] = [row + [None] * (n - len(row)) for row in rows] + _nan_matrix(n)[len(rows) :]
+        for metric, vector in self.initial.items():
+            self.initial[metric] = vector + [None] * (n - len(vector))
+        self.n_tasks = n
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -92,13 +105,16 @@ class StreamRunner:
             tensorboard_dir=method_dir / "tensorboard" if cfg.train.tensorboard else None,
             enabled=accelerator.is_main_process,
         )
+        self.items = MetricsWriter(method_dir / ITEMS_FILE, enabled=accelerator.is_main_process)
+        """Per-item scores of every evaluated cell (``engine/items.py``)."""
         self.run = Run(
             method_dir,
-            trajectory_hash(cfg, method.section),
+            trajectory_signature(cfg, method.section),
             is_main=accelerator.is_main_process,
             keep=cfg.train.keep_checkpoints,
             metrics=self.metrics,
         )
+        self.run.register_log("items", self.items)
         self.stage = StageContext(
             model=model,
             tokenizer=tokenizer,
@@ -121,18 +137,27 @@ class StreamRunner:
 
     # ----- the run -----------------------------------------------------------------------------------------------
     def start(self, resume: bool | str, strict: bool = False, allow_config_change: bool = False) -> None:
-        """Resume from the newest valid checkpoint (see ``Run.restore``), or start from the shared initial adapter."""
+        """Resume from the newest valid checkpoint (see ``Run.restore``), or start from the shared initial adapter.
+
+        A checkpoint of a shorter stream whose tasks the config extends continues with the appended tasks: the
+        matrices grow, the finished rows are kept, and the untrained model's row is completed for the new tasks.
+        """
         if not self.run.restore(resume, strict, allow_config_change):
             load_lora_state(self.stage.unwrapped, self.init_adapter)
+        self.state.grow(len(self.stream))
 
     def run_stream(self) -> dict[str, dict[str, Any]]:
         """The method's runner (sequential, MTL or STL); returns ``{metric: ScoreMatrix.summary()}``."""
         self.run.phase("initial:eval", lambda: self._evaluate(None, list(enumerate(self.stream))))
+        missing = [(j, t) for j, t in enumerate(self.stream) if t.test and self._initial_missing(j)]
+        if missing:  # tasks appended to a finished stream: the untrained model's scores on them (FWT's baseline)
+            self.run.phase(f"initial:eval:{missing[0][0]}-{missing[-1][0]}", lambda: self._evaluate_initial(missing))
         runner = {"sequential": self._run_sequential, "mtl": self._run_mtl, "stl": self._run_stl}
         runner[self.method.section.runner]()
         if self.acc.is_main_process:
             save_adapter(self.stage.unwrapped, self.dir / "adapter")
         self.metrics.close()
+        self.items.close()
         return self.summaries()
 
     def close(self) -> None:
@@ -240,13 +265,22 @@ class StreamRunner:
             self.run.phase(f"t{i}:eval", lambda i=i, task=task: self._evaluate(i, [(i, task)]))
 
     # ----- evaluation ------------------------------------------------------------------------------------------------
+    def _initial_missing(self, j: int) -> bool:
+        return bool(self.state.initial) and all(vector[j] is None for vector in self.state.initial.values())
+
+    def _evaluate_initial(self, tasks: list[tuple[int, Task]]) -> None:
+        """Score ``tasks`` with the initial adapter swapped in (the untrained model), then restore the current one."""
+        with adapter_swapped(self.stage.unwrapped, self.init_adapter):
+            self._evaluate(None, tasks)
+
     def _eval_tasks(self, i: int) -> list[tuple[int, Task]]:
         if self.cfg.eval.on == "all":
             return list(enumerate(self.stream))
         return [(j, t) for j, t in enumerate(self.stream) if j <= i]
 
     def _evaluate(self, row: int | None, tasks: list[tuple[int, Task]]) -> None:
-        """Score ``tasks`` with every scorer; ``row=None`` fills the initial-model vector (for FWT)."""
+        """Score ``tasks`` with every scorer (``row=None``: the initial model, FWT's baseline); per-item values go to
+        ``items.jsonl``. A metric that failed on every item of a task is an error once all are written."""
         ctx = EvalContext(
             model=self.stage.unwrapped,
             tokenizer=self.stage.tokenizer,
@@ -255,24 +289,20 @@ class StreamRunner:
             reference_cache=self.reference_cache,
             shard=Shard(self.acc.process_index, self.acc.num_processes),
         )
-        n = len(self.stream)
         tracker = DriftTracker()
         tracker.load_state_dict(self.state.drift)
         learned = {j for j, _ in tasks} if self.method.section.runner == "mtl" else {row}
+        evaluated: list[tuple[Task, dict[str, ItemScores]]] = []
         for j, task in tasks:
             if not task.test:
                 continue
-            scores: dict[str, float] = {}
             with self.acc.autocast():  # evaluate in the run's precision (bf16 runs score under bf16 autocast)
-                for scorer in self.scorers:
-                    scores.update(scorer.score(ctx, task))
+                scores, items = evaluate_task_with_items(ctx, task, self.scorers)
                 if self.cfg.eval.drift and row is not None:
-                    scores.update(measure_drift(ctx, task, tracker, just_learned=j in learned))
-            for metric, value in scores.items():
-                if row is None:
-                    self.state.initial.setdefault(metric, [None] * n)[j] = _finite_or_none(value)
-                else:
-                    self.state.scores.setdefault(metric, _nan_matrix(n))[row][j] = _finite_or_none(value)
+                    drift, drift_items = measure_drift_with_items(ctx, task, tracker, just_learned=j in learned)
+                    scores, items = {**scores, **drift}, {**items, **drift_items}
+            self._record(row, j, task, scores, items)
+            evaluated.append((task, items))
         self.state.drift = tracker.state_dict()
         if self.acc.is_main_process and row is not None:
             self.metrics.write(
@@ -284,9 +314,27 @@ class StreamRunner:
                     "scores": {m: rows[row] for m, rows in self.state.scores.items()},
                 }
             )
+        for task, items in evaluated:
+            for metric, values in items.items():
+                check_failures(task.name, metric, values)
+
+    def _record(
+        self, row: int | None, j: int, task: Task, scores: dict[str, float], items: dict[str, ItemScores]
+    ) -> None:
+        n = len(self.stream)
+        for metric, value in scores.items():
+            if row is None:
+                self.state.initial.setdefault(metric, [None] * n)[j] = _finite_or_none(value)
+            else:
+                self.state.scores.setdefault(metric, _nan_matrix(n))[row][j] = _finite_or_none(value)
+        after = self.stream[row].name if row is not None else None
+        for metric, values in items.items():
+            self.items.write(cell_record(metric, task.name, j, row, after, values))
 
     def summaries(self) -> dict[str, dict[str, Any]]:
-        """``{metric: {"matrix", "bwt", "last", "ap", "fwt", "forgetting", ...}}`` for this method."""
+        """``{metric: {"matrix", "bwt", "last", "ap", "fwt", "forgetting", ..., "*_se", "*_ci", "n_items"}}``."""
+        conventions = self.cfg.eval.conventions.model_dump()
+        items = read_items(self.dir / ITEMS_FILE) if self.acc.is_main_process else []
         out = {}
         for metric, rows in self.state.scores.items():
             matrix = ScoreMatrix(
@@ -294,8 +342,17 @@ class StreamRunner:
                 matrix=[[float("nan") if v is None else v for v in row] for row in rows],
                 initial=[float("nan") if v is None else v for v in self.state.initial.get(metric, [])] or None,
             )
-            out[metric] = matrix.summary()
+            summary = matrix.summary(conventions={k: conventions[k] for k in ("bwt", "forgetting", "fwt")})
             if self.method.section.runner == "stl":
                 diag = [rows[i][i] for i in range(len(rows)) if rows[i][i] is not None]
-                out[metric].update(bwt=None, ap=None, fwt=None, last=(sum(diag) / len(diag)) if diag else None)
+                summary.update(bwt=None, ap=None, fwt=None, last=(sum(diag) / len(diag)) if diag else None)
+            elif items:
+                summary.update(self._uncertainty(items, metric, summary["conventions"]))
+            if metric in conventions:
+                summary["convention"] = conventions[metric]
+            out[metric] = summary
         return out
+
+    def _uncertainty(self, items: list[dict[str, Any]], metric: str, conventions: dict[str, str]) -> dict[str, Any]:
+        ev = self.cfg.eval
+        return uncertainty([items], metric, len(self.stream), conventions, n_boot=ev.n_boot, level=ev.ci_level)

@@ -16,7 +16,6 @@ original-model SFT is not checkpointed mid-way: a run killed during it redoes it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -24,14 +23,15 @@ from typing import Any
 
 import torch
 
-from lifealign.config.load import trajectory_hash
+from lifealign.config.load import trajectory_signature
 from lifealign.config.schema import LossTerm, RunConfig
 from lifealign.data.records import Task
 from lifealign.data.sources import load_stream
 from lifealign.data.tokenize import tokenize_pairs
-from lifealign.engine.experiment import build_scorers, make_accelerator, preflight_output_dir, write_resolved_config
+from lifealign.engine.experiment import build_scorers, make_accelerator, write_resolved_config
 from lifealign.engine.parts import AdapterPart
 from lifealign.engine.run import JsonPart, Run, TensorPart
+from lifealign.engine.rundir import claim_run_dir
 from lifealign.engine.specs import bind_config
 from lifealign.evaluation.scorers.base import Shard
 from lifealign.losses import CombinedLoss, bind_losses
@@ -52,25 +52,18 @@ from lifealign.unlearning.u2a import U2A, U2AInputs, U2AProgress, u2a_budget
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnlearnRun", "config_hash", "run_unlearning"]
+__all__ = ["UnlearnRun", "run_unlearning"]
 
 PAIR = ("chosen", "rejected")
-
-
-def config_hash(cfg: RunConfig) -> str:
-    """sha256 of the trajectory-affecting config plus the ``unlearn`` and ``eval`` sections."""
-    extra = json.dumps(
-        {"unlearn": cfg.unlearn.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json")}, sort_keys=True
-    )
-    return hashlib.sha256((trajectory_hash(cfg) + extra).encode()).hexdigest()
 
 
 class UnlearnRun:
     """One ``lifealign unlearn`` run in ``run_dir``."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool | str = False):
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool | str = False, overwrite: bool = False):
         self.cfg, self.section, self.dir, self.resume = cfg, cfg.unlearn, Path(run_dir), resume
-        self.hash = config_hash(cfg)
+        self.overwrite = overwrite
+        self.signature = trajectory_signature(cfg)
         self.state: dict[str, Any] = {"started": [], "progress": {}, "results": {}, "stages": {}, "events": []}
         self.original = TensorPart({})
         """The LoRA of the original model's SFT (empty when ``original_sft_steps`` is 0), merged into the base."""
@@ -101,7 +94,7 @@ class UnlearnRun:
         stage = StageContext(
             model=peft, tokenizer=self.tokenizer, accelerator=self.acc, train=self.cfg.train, data=self.cfg.data,
             loss=loss, plugins=[], metrics=self.metrics.write, commit=lambda loop: None, method_name="original",
-            steps=self.run.steps,
+            steps=self.phases.steps,
         )  # fmt: skip
         ctx = PluginContext(model=peft, tokenizer=self.tokenizer, task=plan.task, task_index=0, data=self.cfg.data)
         train_task(peft, examples, plan, stage, ctx)
@@ -113,7 +106,7 @@ class UnlearnRun:
             return base
         torch.manual_seed(self.cfg.train.seed + 1)
         peft = attach_lora(base, self.cfg.model.lora)
-        self.run.phase("original", lambda: self._train_original(peft))
+        self.phases.phase("original", lambda: self._train_original(peft))
         load_lora_state(peft, self.original.tensors)
         return peft.merge_and_unload()
 
@@ -122,11 +115,11 @@ class UnlearnRun:
         self.data = self._load_data()
         self.acc = make_accelerator(cfg)
         self.metrics = MetricsWriter(self.dir / "metrics.jsonl", enabled=self.acc.is_main_process)
-        self.run = Run(self.dir, self.hash, is_main=self.acc.is_main_process, keep=cfg.train.keep_checkpoints,
+        self.phases = Run(self.dir, self.signature, is_main=self.acc.is_main_process, keep=cfg.train.keep_checkpoints,
                        metrics=self.metrics)  # fmt: skip
-        self.run.register("runner", JsonPart(lambda: self.state, self.state.update))
-        self.run.register("original", self.original)
-        if not self.run.restore(self.resume):
+        self.phases.register("runner", JsonPart(lambda: self.state, self.state.update))
+        self.phases.register("original", self.original)
+        if not self.phases.restore(self.resume):
             self.metrics.truncate_to(0)
         if self.acc.is_main_process:
             write_resolved_config(cfg, self.dir)
@@ -139,7 +132,7 @@ class UnlearnRun:
         self.init_adapter = lora_state(model)
         self.model = self.acc.prepare(model)
         self.unwrapped = self.acc.unwrap_model(self.model)
-        self.run.register("adapter", AdapterPart(self.unwrapped))
+        self.phases.register("adapter", AdapterPart(self.unwrapped))
         self._prepare_sets()
 
     def _prepare_sets(self) -> None:
@@ -188,8 +181,8 @@ class UnlearnRun:
     def _solver(self, method: str, loss: CombinedLoss) -> InnerSolver:
         stage = StageContext(
             model=self.model, tokenizer=self.tokenizer, accelerator=self.acc, train=self.cfg.train, data=self.cfg.data,
-            loss=loss, plugins=[], metrics=self.metrics.write, commit=self.run.commit,
-            take_resume=self.run.take_resume, method_name=method, steps=self.run.steps,
+            loss=loss, plugins=[], metrics=self.metrics.write, commit=self.phases.commit,
+            take_resume=self.phases.take_resume, method_name=method, steps=self.phases.steps,
         )  # fmt: skip
         return InnerSolver(stage=stage, ctx=self.ctx, task_index=0, lr=inner_lr(self.section, self.cfg.train))
 
@@ -228,13 +221,13 @@ class UnlearnRun:
 
         def commit(progress: U2AProgress) -> None:
             self.state["progress"]["u2a"] = progress.to_json()
-            self.run.commit()
+            self.phases.commit()
 
         progress = procedure.run(
             inputs,
             U2AProgress.from_json(self.state["progress"].get("u2a")),
             commit,
-            resume_loop=self.run.take_resume,
+            resume_loop=self.phases.take_resume,
         )
         n_selected = len(progress.selected) or choose_k(len(self.candidates), self.section.k, self.section.k_fraction)
         self.state["budget"] = u2a_budget(self.section, self.cfg.train, n_selected)
@@ -265,7 +258,7 @@ class UnlearnRun:
             job.loss,
             max_steps=self.state["budget"],
             plugins=plugins,
-            resume=self.run.take_resume(),
+            resume=self.phases.take_resume(),
         )
         self.state["stages"][name] = {
             "steps": outcome.steps,
@@ -299,14 +292,17 @@ class UnlearnRun:
     # ----- the run -----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         bind_config(self.cfg)
-        preflight_output_dir(self.dir)
+        with claim_run_dir(self.dir, resume=self.resume, overwrite=self.overwrite):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self._setup()
-        self.run.phase("eval:original", lambda: self._evaluate("original"))
-        self.run.phase("u2a", self._run_u2a)
-        self.run.phase("eval:u2a", lambda: self._evaluate("u2a"))
+        self.phases.phase("eval:original", lambda: self._evaluate("original"))
+        self.phases.phase("u2a", self._run_u2a)
+        self.phases.phase("eval:u2a", lambda: self._evaluate("u2a"))
         for name in self.section.baselines:
-            self.run.phase(name, lambda name=name: self._run_baseline(name))
-            self.run.phase(f"eval:{name}", lambda name=name: self._evaluate(name))
+            self.phases.phase(name, lambda name=name: self._run_baseline(name))
+            self.phases.phase(f"eval:{name}", lambda name=name: self._evaluate(name))
         results = self.results()
         if self.acc.is_main_process:
             write_unlearn_outputs(self.dir, results)
@@ -346,7 +342,9 @@ class UnlearnRun:
         }
 
 
-def run_unlearning(cfg: RunConfig, out_dir: str | Path | None = None, resume: bool | str = False) -> dict[str, Any]:
+def run_unlearning(
+    cfg: RunConfig, out_dir: str | Path | None = None, resume: bool | str = False, overwrite: bool = False
+) -> dict[str, Any]:
     """``lifealign unlearn``: U2A and the configured baselines on ``cfg.tasks[0]``; returns the results with a
     ``"table"`` (method -> metrics) and writes ``results.json``, ``report.md`` and the figures to the run folder."""
-    return UnlearnRun(cfg, Path(out_dir or cfg.output_dir), resume=resume).run()
+    return UnlearnRun(cfg, Path(out_dir or cfg.output_dir), resume=resume, overwrite=overwrite).run()

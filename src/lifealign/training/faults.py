@@ -4,6 +4,7 @@
 with matching keys, the process kills itself with SIGKILL (no ``finally`` blocks run), e.g.::
 
     LIFEALIGN_FAULT=kill:point=step,task=1,stage=pref,step=3
+    LIFEALIGN_FAULT=kill:point=step,seed=2,task=1,stage=pref,step=3   (only the run of train.seed 2)
     LIFEALIGN_FAULT=kill:point=save,after_file=adapter.safetensors
     LIFEALIGN_FAULT=term:point=step,task=0,stage=pref,step=2   (SIGTERM; ``int`` sends SIGINT)
     LIFEALIGN_FAULT=nan:point=loss,step=2        (returns True so the caller poisons the loss)

@@ -408,7 +408,7 @@ def train_task(
     )
     metrics: dict[str, float] = {}
     for step in bar:
-        maybe_fault("step", task=plan.task_index, stage=plan.stage, step=step)
+        maybe_fault("step", task=plan.task_index, stage=plan.stage, step=step, seed=cfg.seed)
         state.optimizer.zero_grad(set_to_none=True)
         outcome = _accumulate(model, examples, plan, stage, ctx, state, step, stoppers)
         if outcome.stop_event is not None:
