@@ -20,7 +20,10 @@ so for a direction ``(G_A, G_B)``::
 
 ``fast_scores`` captures ``h`` and ``q = G_A x`` with forward hooks and the ``g_t`` of every example with ONE
 ``autograd.grad`` of the summed per-example losses (examples are independent in a batch, so the output gradients of
-example i's rows are those of ``l_i``), then contracts: no per-example backward. ``naive_scores`` is the reference
+example i's tokens are those of ``l_i``), then contracts per token and sums each example's tokens: no per-example
+backward. By default the candidates are *packed* (``packed.py``): several per row up to a token budget, each with
+its own positions and attention, so no FLOP is spent on padding and each score is still that of its candidate
+alone; ``packing=False`` pads every batch to its longest candidate instead. ``naive_scores`` is the reference
 implementation (one backward per example). Scores are taken in eval mode (LoRA dropout off), so both compute the
 gradient of the same deterministic loss.
 """
@@ -40,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lifealign.data.collate import collate_pairs
 from lifealign.losses import LOSSES, CombinedLoss
 from lifealign.training.forward import batch_logps, loss_inputs
+from lifealign.unlearning.packed import Attention, pack_examples, pack_rows, packed_logps, packing_unsupported
 
 __all__ = [
     "Direction",
@@ -221,7 +225,7 @@ class _LoraCapture:
         return hook
 
     def contract(self, grads: Sequence[Tensor | None]) -> Tensor:
-        """Per-example ``sum_layers sum_t (g_t^T [G_B | B]) . [h_t ; q_t]``, shape ``(N,)``, fp32."""
+        """Per-token ``sum_layers (g_t^T [G_B | B]) . [h_t ; q_t]``, shape ``(N, T)``, fp32."""
         total: Tensor | None = None
         for name, g in zip(self.u, grads):
             if g is None:  # the layer does not reach the loss
@@ -230,7 +234,7 @@ class _LoraCapture:
             b = self.layers[name][1].weight.detach()
             m = torch.cat([g_b, b.float()], dim=1).to(g.device)  # (d_out, 2r)
             z = torch.cat([self.h[name], self.q[name]], dim=-1)  # (N, T, 2r)
-            part = ((g.float() @ m) * z).flatten(1).sum(1)  # (N,)
+            part = ((g.float() @ m) * z).sum(-1)  # (N, T)
             total = part if total is None else total + part
         if total is None:
             raise RuntimeError("no LoRA layer received a gradient from the unlearning loss")
@@ -247,12 +251,25 @@ def fast_scores(
     ref_logps: Tensor | None = None,
     batch_size: int = 8,
     precision: Precision = "fp32",
+    packing: bool = True,
+    token_budget: int | None = None,
+    attention: Attention = "segments",
 ) -> Tensor:
-    """``s_i = <direction, grad l_i>`` for every example ``(n,)`` fp32, one forward + one backward per batch.
+    """``s_i = <direction, grad l_i>`` for every example ``(n,)`` fp32, one forward + one backward per row or batch.
 
     ``examples`` carry ``rejected_ids`` (the forget response); ``ref_logps (n, 1)`` the reference log-probs when
-    the loss needs them (NPO).
+    the loss needs them (NPO). Packed (default): rows of at most ``token_budget`` tokens, by default
+    ``batch_size`` times the longest candidate, i.e. never more tokens than a padded batch would hold; ``attention``
+    picks the packed attention (``packed.py``). A model that cannot be packed (``packing_unsupported``) is padded.
+    ``packing=False``: batches of ``batch_size`` padded to their longest candidate.
     """
+    if not examples:
+        return torch.zeros(0)
+    if packing and packing_unsupported(model) is None:
+        lengths = [len(ex["prompt_ids"]) + len(ex["rejected_ids"]) for ex in examples]
+        budget = token_budget if token_budget is not None else batch_size * max(lengths)
+        rows = pack_rows(lengths, budget)
+        return _scores_by_row(model, examples, direction, loss, rows, ref_logps, precision, attention)
     layers = lora_layers(model)
     out: list[Tensor] = []
     with _scoring_mode(model):
@@ -264,8 +281,39 @@ def fast_scores(
                 total = per_example_unlearn_losses(loss, policy, _ref_rows(ref_logps, slice(start, start + batch_size)))
                 outputs = list(cap.u.values())
                 grads = torch.autograd.grad(total.sum(), outputs, allow_unused=True)
-                out.append(cap.contract(grads).detach().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+                out.append(cap.contract(grads).sum(1).detach().cpu())  # padding tokens contribute g = 0
+    return torch.cat(out)
+
+
+def _scores_by_row(
+    model: nn.Module,
+    examples: Sequence[dict[str, Any]],
+    direction: Direction,
+    loss: CombinedLoss,
+    rows: list[list[int]],
+    ref_logps: Tensor | None,
+    precision: Precision,
+    attention: Attention,
+) -> Tensor:
+    """``fast_scores`` over packed rows: each row's token contributions summed per segment, then put in place."""
+    layers = lora_layers(model)
+    scores = torch.zeros(len(examples))
+    with _scoring_mode(model):
+        for row in rows:
+            packed = pack_examples([examples[i] for i in row])
+            index = torch.tensor(row)
+            with _LoraCapture(layers, direction) as cap:
+                with _autocast(precision, model):
+                    logps, n_tokens = packed_logps(model, packed, attention)
+                policy = {"rejected_logps": logps, "rejected_tokens": n_tokens}
+                total = per_example_unlearn_losses(loss, policy, None if ref_logps is None else ref_logps[index])
+                outputs = list(cap.u.values())
+                grads = torch.autograd.grad(total.sum(), outputs, allow_unused=True)
+                per_token = cap.contract(grads)[0].detach()  # (T,)
+            segment = packed.segment.to(per_token.device)
+            sums = per_token.new_zeros(len(row), dtype=torch.float64).index_add(0, segment, per_token.double())
+            scores[index] = sums.float().cpu()
+    return scores
 
 
 def naive_scores(
@@ -431,8 +479,11 @@ def impact_scores(
     damping: float = 0.01,
     iters: int = 10,
     lissa_scale: float = 10.0,
+    packing: bool = True,
+    token_budget: int | None = None,
 ) -> ScoreResult:
-    """``s_i = <H^-1 grad J, grad l_i>`` for every candidate (``dJ/dw_i = -s_i``), by ``fast_scores``."""
+    """``s_i = <H^-1 grad J, grad l_i>`` for every candidate (``dJ/dw_i = -s_i``), by ``fast_scores`` (packed by
+    default; ``packing``, ``token_budget`` as there)."""
     objective, grad_j = preference_gradient(
         model, preference, pref_ref_logps, pad_id=pad_id, beta=beta, batch_size=batch_size, precision=precision
     )
@@ -460,5 +511,7 @@ def impact_scores(
         ref_logps=cand_ref_logps,
         batch_size=batch_size,
         precision=precision,
+        packing=packing,
+        token_budget=token_budget,
     )
     return ScoreResult(scores=scores, objective=objective, grad_norm=float(flatten_direction(grad_j).norm()))
