@@ -15,6 +15,7 @@ from lifealign.continual.cppo import CPPOPlugin
 from lifealign.continual.ewc import EWCPlugin
 from lifealign.continual.gem import AGEMPlugin, GEMPlugin
 from lifealign.continual.l2p import L2PPlugin
+from lifealign.continual.lwf import LwFPlugin
 from lifealign.continual.olora import OLoRAPlugin
 from lifealign.continual.replay import ReplayPlugin
 from lifealign.continual.slmc import SLMCPlugin
@@ -30,6 +31,7 @@ METHODS: dict[str, type[Plugin]] = {
     "olora": OLoRAPlugin,
     "l2p": L2PPlugin,
     "cppo": CPPOPlugin,
+    "lwf": LwFPlugin,
 }
 
 __all__ = ["METHODS", "PluginFactory", "bind_plugin"]
