@@ -133,3 +133,29 @@ def test_every_shipped_u2a_config_loads_and_binds(path):
     cfg = load_run_config(path)  # binds every loss, plugin, objective, baseline and scorer
     assert len(cfg.tasks) == 1
     assert all(b in baseline_names() for b in cfg.unlearn.baselines)
+
+
+def test_every_option_docs_methods_names_exists():
+    """docs/METHODS.md's option column stays true to the code: each ``unlearn.<key>`` is a field of the section, each
+    ``{name: <plugin>, <key>: …}`` a constructor argument of that plugin, each ``loss: {name: <loss>, <key>: …}`` a
+    keyword of that loss, each ``eval.conventions.<metric>: <name>`` an allowed convention."""
+    import re
+
+    from lifealign.config.schema import ConventionsSection
+    from lifealign.continual import METHODS
+    from lifealign.losses import LOSSES
+    from lifealign.utils.kwargs import parameters
+
+    text = (REPO / "docs" / "METHODS.md").read_text()
+    unlearn = set(re.findall(r"`unlearn\.([a-z_]+)", text))
+    assert {"forget_reduction", "reg_objectives", "stop_scope", "weight_sign"} <= unlearn
+    assert unlearn <= set(UnlearnSection.model_fields)
+    plugin_keys = re.findall(r"(?<!loss: )\{name: ([a-z_]+), ([a-z_]+):", text)
+    assert ("slmc", "stages") in plugin_keys and ("ewc", "consolidate_sft") in plugin_keys
+    for plugin, key in plugin_keys:
+        assert key in parameters(METHODS[plugin]), (plugin, key)
+    for loss, keys in re.findall(r"loss: \{name: ([a-z_]+), ([^}]*)\}", text):
+        for key in re.findall(r"([a-z_]+):", keys):
+            assert key in parameters(LOSSES[loss].fn, keyword_only=True), (loss, key)
+    for metric, name in re.findall(r"`eval\.conventions\.([a-z0-9_]+): ([a-z_]+)`", text):
+        ConventionsSection(**{metric: name})

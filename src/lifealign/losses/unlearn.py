@@ -25,7 +25,9 @@ def ga_loss(inputs: LossInputs) -> LossOutput:
     """Gradient ascent: ``L = log pi(y_f|x) / |y_f|``, the mean per-token log-likelihood of the forget response.
 
     Minimising it is gradient ascent on the per-token NLL (U2A's GA, ``-(mean NLL)``). Unbounded below: the loop's
-    stop rule must guard it (RELIABILITY R6). Shape ``(B,)``.
+    stop rule must guard it (RELIABILITY R6). Shape ``(B,)``. U2A's code divides by every position from the end of
+    the prompt to the padded length 256 (its padding mask tests token id 1, OPT's pad), i.e. by ``256 - |x|``
+    rather than ``|y_f|``; we divide by the response tokens (docs/METHODS.md, "GA's normaliser").
     """
     forget, n_forget = inputs.require("rejected_logps", "rejected_tokens")
     return LossOutput(_mean_token_logp(forget, n_forget))
@@ -55,7 +57,8 @@ def npo_loss(inputs: LossInputs, *, beta: float = 0.1, reduction: Literal["sum",
     - ``"mean"`` (U2A's code, and the default of ``unlearn.forget_reduction``): ``ell = log pi(y_f|x) / |y_f|``, the
       mean per-token log-likelihood, as U2A's ``get_npo_inner_loss`` takes it from ``outputs.loss`` (the mean token
       NLL). U2A's ``outputs.loss`` also averages over the prompt tokens and, in a batch, over the tokens of every
-      sequence; here the mean is over each sequence's response tokens only (METHODS.md, "NPO's length").
+      sequence (its inner loop then applies NPO to that batch mean and multiplies by the batch's mean weight);
+      here the mean is over each sequence's response tokens only, per example (docs/METHODS.md, "NPO's length").
 
     At ``ell = ref_ell`` the loss is ``(2/beta) ln 2`` and ``dL/d log pi(y_f|x)`` is 1 (``sum``) or ``1/|y_f|``
     (``mean``): the summed form's gradient, and so its impact score, is ``|y_f|`` times the mean form's, and it

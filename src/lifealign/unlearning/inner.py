@@ -2,6 +2,10 @@
 
 ``minimise  mean_b (w_b * l_u(x_b)) + [c * retain term] + lambda_reg * mean_p ||theta_p - theta_0,p||^2``
 
+Each solve is a stage with its own AdamW and cosine schedule over its planned steps (warm-up ``train.warmup_ratio``).
+U2A's code keeps one AdamW and one cosine schedule (no warm-up, horizon ``max_unlearn_steps = 100``, after which
+transformers' cosine rises again) for the whole run, across solves and rounds (docs/METHODS.md, "cosine horizon").
+
 The forget loss is a registry loss on the ``rejected`` side; the retain term, the regulariser (for the objectives
 in ``unlearn.reg_objectives``) and the stop rule are plugins appended to the run's own plugins for this stage only.
 A stop (the guard's ``stop_request``) ends the loop early inside the stage, on every rank, before that step's

@@ -4,7 +4,9 @@ An unlearning *objective* is a registry loss that declares ``LossSpec.forget_as`
 SimNPO act on the negative response (the ``rejected`` side); GradDiff is GA on it plus a retain term on separate
 retain sequences (``plugins.RetainPlugin``), unweighted as in U2A's ``u2a_gradiff.py``: the per-example U2A weights
 multiply only the forget term, which is also the ``l_u`` whose gradient enters the impact scores (METHODS.md
-ADDENDUM B.1: "GradDiff: its forget term"). A new unlearning loss is one file + one registry line there.
+ADDENDUM B.1: "GradDiff: its forget term"). (``u2a_gradiff.py``'s inner loop backpropagates the *unweighted* forget
+mean, so its weights never reach the solve; we weight it, as U2A's formulation does.) A new unlearning loss is one
+file + one registry line there.
 
 U2A's code conventions applied here (docs/METHODS.md lists each with its option):
 
