@@ -139,10 +139,32 @@ def test_eval_scores_a_saved_adapter_like_the_run_did(tmp_path, capsys):
     assert main(["train", str(path), "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["eval", str(path), "--adapter", str(out / "adapter"), "--json"]) == 0
-    evaluated = json.loads(capsys.readouterr().out)
+    evaluated = json.loads(capsys.readouterr().out)["arithmetic"]
     trained = json.loads((out / "scores.json").read_text())["seqft"]
-    assert evaluated["arithmetic"]["pref_acc"] == trained["pref_acc"]["matrix"][0][0]
-    assert abs(evaluated["arithmetic"]["margin"] - trained["margin"]["matrix"][0][0]) < 1e-5
+    assert evaluated["scores"]["pref_acc"] == trained["pref_acc"]["matrix"][0][0]
+    assert abs(evaluated["scores"]["margin"] - trained["margin"]["matrix"][0][0]) < 1e-5
+    assert evaluated["n"]["pref_acc"] == trained["pref_acc"]["n_items"][0] == 8
+
+
+def test_eval_of_the_base_model_reports_a_likelihood_accuracy_beside_the_50_of_pref_acc(tmp_path, capsys):
+    """Without an adapter pref_acc is the model against itself (every pair ties: 50); logp_acc compares
+    log pi(chosen) with log pi(rejected), which means something for any model; the table says how many pairs."""
+    path = _one_task_config(tmp_path)
+    assert main(["eval", str(path), "eval.drift=false", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["arithmetic"]
+    assert result["scores"]["pref_acc"] == 50.0
+    assert {"logp_acc", "logp_acc_norm"} <= set(result["scores"]) and result["n"]["logp_acc"] == 8
+    assert main(["eval", str(path), "eval.drift=false"]) == 0
+    table = capsys.readouterr().out
+    assert "| task | pairs | pref_acc |" in table and "| arithmetic | 8 |" in table and "50 by construction" in table
+
+
+def test_eval_with_no_held_out_pairs_is_an_error(tmp_path, capsys):
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"prompt": "1+1=", "chosen": "2", "rejected": "3"}]))
+    path = _one_task_config(tmp_path)
+    assert main(["eval", str(path), f"tasks.0.train={data}", "tasks.0.test=null"]) == 2
+    assert "no task of the config has held-out pairs" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- a first hour without surprises

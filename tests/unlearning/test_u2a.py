@@ -45,8 +45,9 @@ def _write_config(tmp_path, **unlearn) -> str:
 def test_cli_unlearn_end_to_end_on_the_tiny_model(tmp_path, capsys):
     config = _write_config(tmp_path)
     assert main(["unlearn", config]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert list(printed) == ["original", "u2a", "ga", "topk", "dpo"]
+    printed = capsys.readouterr().out  # the same table as report.md, like `lifealign run` prints its summary
+    rows = [line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["method", "original", "u2a", "ga", "topk", "dpo"] and "run folder:" in printed
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     table = results["table"]
@@ -76,7 +77,7 @@ def test_cli_unlearn_end_to_end_on_the_tiny_model(tmp_path, capsys):
     # --resume on a finished run redoes nothing and reports the same table
     n_records = len(records)
     assert main(["unlearn", config, "--resume"]) == 0
-    assert json.loads(capsys.readouterr().out) == printed
+    assert capsys.readouterr().out == printed
     assert len(read_metrics(run / "metrics.jsonl")) == n_records
 
 
@@ -267,3 +268,34 @@ def test_a_stop_in_the_first_solve_ends_the_run_only_with_scope_run(scope, solve
     assert len(solver.planned) == solves and progress.stopped is stopped and progress.finished
     assert [e["scope"] for e in progress.events] == [scope]
     assert [r["round"] for r in progress.rounds] == list(range(solves))
+
+
+def test_the_u2a_adapter_stacks_on_its_saved_original_with_plain_peft(tmp_path):
+    """With ``original_sft_steps > 0`` U2A trains on base + a merged SFT LoRA: that LoRA is saved as
+    original_adapter/ and, stacked as adapter/README.md says, plain peft reproduces the run's pref_acc."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lifealign.data.sources import load_stream
+    from lifealign.data.tokenize import tokenize_pairs
+    from lifealign.evaluation.scorers.preference import pair_logps, preference_accuracy
+    from lifealign.models.load import load_model_and_tokenizer
+
+    data = json.loads(json.dumps(CONFIG))
+    data["unlearn"].update(original_sft_steps=2, baselines=[])
+    cfg = config_from_dict({**data, "output_dir": str(tmp_path / "run")})
+    results = run_unlearning(cfg)
+    run = tmp_path / "run"
+    assert "merge_and_unload" in (run / "adapter" / "README.md").read_text()
+    base_path = json.loads((run / "original_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    _, tokenizer = load_model_and_tokenizer(cfg.model)
+    original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(run / "original_adapter"))
+    model = PeftModel.from_pretrained(original.merge_and_unload(), str(run / "adapter")).eval()
+    task = load_stream(cfg.tasks, cfg.data)[0]
+    examples = tokenize_pairs(task.test[: cfg.eval.max_examples], tokenizer, cfg.data).examples
+    policy = pair_logps(model, examples, tokenizer.pad_token_id, batch_size=4)
+    with model.disable_adapter():
+        reference = pair_logps(model, examples, tokenizer.pad_token_id, batch_size=4)
+    accuracy, _ = preference_accuracy(policy.chosen, policy.rejected, reference.chosen, reference.rejected)
+    assert accuracy == pytest.approx(results["table"]["u2a"]["pref_acc"], abs=1e-9)
+    assert results["table"]["u2a"]["steps"] > 0

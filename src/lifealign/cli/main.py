@@ -125,10 +125,12 @@ def _cmd_run(args: argparse.Namespace, single_task: bool = False) -> int:
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from lifealign.engine.specs import load_run_config
     from lifealign.engine.unlearn import run_unlearning
+    from lifealign.report.unlearn import table_lines
 
     cfg = load_run_config(args.config, args.overrides)
     result = run_unlearning(cfg, out_dir=args.out, resume=_resume_flag(args.resume), overwrite=args.overwrite)
-    print(json.dumps(result.get("table", result), indent=2, default=str))
+    print("\n".join(table_lines(result["table"])).replace("\\_", "_"))
+    print(f"\nrun folder: {Path(args.out or cfg.output_dir)} (results.json, report.md)")
     return 0
 
 
@@ -136,15 +138,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lifealign.engine.experiment import evaluate_adapter
     from lifealign.engine.specs import load_run_config
 
-    scores = evaluate_adapter(load_run_config(args.config, args.overrides), args.adapter)
+    results = evaluate_adapter(load_run_config(args.config, args.overrides), args.adapter)
     if args.json:
-        print(json.dumps(scores, indent=2))
+        print(json.dumps(results, indent=2))
         return 0
-    metrics = list(dict.fromkeys(m for by_task in scores.values() for m in by_task))
-    print("| task | " + " | ".join(metrics) + " |")
-    print("|---|" + "---|" * len(metrics))
-    for task, by_metric in scores.items():
-        print(f"| {task} | " + " | ".join(f"{by_metric.get(m, float('nan')):.2f}" for m in metrics) + " |")
+    metrics = list(dict.fromkeys(m for r in results.values() for m in r["scores"]))
+    print("| task | pairs | " + " | ".join(metrics) + " |")
+    print("|---|---|" + "---|" * len(metrics))
+    for task, r in results.items():
+        values = " | ".join(f"{r['scores'].get(m, float('nan')):.2f}" for m in metrics)
+        print(f"| {task} | {max(r['n'].values(), default=0)} | {values} |")
+    if not args.adapter:
+        print(
+            "\nbase model: pref_acc compares the model with itself (every pair ties: 50 by construction); logp_acc "
+            "is log pi(chosen) > log pi(rejected), raw and per token (_norm)"
+        )
     return 0
 
 

@@ -180,7 +180,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply ``a.b.0.c=value`` in place; the value is parsed as YAML (``1e-4`` → float, ``[a, b]`` → list).
 
     A list index may name an existing item or ``len(list)`` (append). An index past the end, a non-integer index
-    into a list or a key below a scalar is a ``ConfigError`` naming the key and what is there.
+    into a list or a key below a scalar is a ``ConfigError`` naming the key and what is there. A component written
+    as one mapping where a list of them is accepted (``loss: {name: dpo}``) is that list's only item, so both
+    ``method.loss.name=fpo`` and ``method.loss.0.name=fpo`` set its name.
     """
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.path=value")
@@ -196,11 +198,15 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     # Each container on the path is copied before it is changed: YAML aliases and merge keys share one object
     # between several places, and an override of one place must not change the others.
     node: Any = data
+    parent: Any = None
     for depth, key in enumerate(keys):
         where = ".".join(keys[:depth])
         here = ".".join(keys[: depth + 1])
         last = depth == len(keys) - 1
         fresh = ([] if keys[depth + 1].isdigit() else {}) if not last else value
+        if _is_single_spec(node, key):  # `loss: {name: dpo}` is the one-item list `[{name: dpo}]`
+            node = parent[keys[depth - 1] if isinstance(parent, dict) else int(keys[depth - 1])] = [node]
+        parent = node
         if isinstance(node, list):
             index = _list_index(node, key, where, override, here)
             if index == len(node):
@@ -224,6 +230,11 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             raise ConfigError(
                 f"override {override!r}: cannot set {dotted!r}: {where} is {_describe(node)}, not a mapping"
             )
+
+
+def _is_single_spec(node: Any, key: str) -> bool:
+    """A component given as one mapping (``{name: ..., ...}``) where an index addresses it as a list's item."""
+    return isinstance(node, dict) and key.isdigit() and key not in node and "name" in node
 
 
 def _format_validation_error(exc: ValidationError, source: str, lines: dict[tuple, int]) -> str:

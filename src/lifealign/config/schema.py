@@ -131,6 +131,8 @@ class TrainSection(Section):
     log_every: int = Field(1, gt=0)
     tensorboard: bool = False
     progress: bool = True
+    """tqdm bars (method, task and stage; evaluation; U2A scoring) with an ETA from measured step times. They turn
+    themselves off when the output is not a terminal (a log file, CI), so configs can leave this on."""
 
 
 class SFTSection(Section):
@@ -140,6 +142,11 @@ class SFTSection(Section):
     lr: float = Field(1e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
+
+
+def _component_name(component: Any) -> str | None:
+    """The ``name`` of a loss term or plugin spec given as a mapping or as a section."""
+    return component.get("name") if isinstance(component, dict) else getattr(component, "name", None)
 
 
 class PluginSpec(Section):
@@ -162,7 +169,8 @@ class MethodSection(Section):
     """A continual method: a named list of plugins plus the loss, e.g. LifeAlign = fpo + [replay, slmc]."""
 
     name: str = "seqft"
-    """The key under which this method's scores are stored (``seqft``, ``lifealign``, ...)."""
+    """The key under which this method's scores are stored (``seqft``, ``lifealign``, ...). Left out, it is made
+    from the loss and plugin names (``dpo``, ``fpo+replay+slmc``), so an override of the loss relabels the run."""
     loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dpo")])
     plugins: list[PluginSpec] = Field(default_factory=list)
     """``[{name: replay, buffer_size: 3000}, {name: slmc, theta: 0.9, lam: 0.5}]``; run in this order."""
@@ -174,6 +182,15 @@ class MethodSection(Section):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, dict) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_components(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "name" in data or "loss" not in data:
+            return data
+        loss = data["loss"] if isinstance(data["loss"], list) else [data["loss"]]
+        parts = [_component_name(c) for c in [*loss, *data.get("plugins", [])]]
+        return {**data, "name": "+".join(p for p in parts if p)} if all(parts) else data
 
 
 class ConventionsSection(Section):

@@ -304,19 +304,37 @@ def run_experiment(
     return scores
 
 
-def evaluate_adapter(cfg: RunConfig, adapter: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Score the base model (or base + a saved peft adapter) on every task of ``cfg`` with ``eval.scorers``.
+LIKELIHOOD_SCORER = "logp_acc"
+"""Added to every ``lifealign eval``: meaningful without a trained adapter, unlike the implicit-reward ``pref_acc``."""
 
-    The reference for ``pref_acc`` is the base model (adapter disabled), as in training with ``reference: base``.
+
+def evaluate_adapter(cfg: RunConfig, adapter: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Score the base model (or base + a saved peft adapter) on every task of ``cfg``: ``{task: {"scores": {metric:
+    value}, "n": {metric: items}}}``.
+
+    The scorers are ``eval.scorers`` plus ``logp_acc`` (log π(chosen) > log π(rejected), raw and per token), which
+    is meaningful for a model without an adapter. ``pref_acc`` is the implicit reward against the base model
+    (adapter disabled): for the base model itself every pair ties and it is 50 by construction.
     """
-    from lifealign.evaluation.scorers import evaluate_task
+    from lifealign.evaluation.scorers import evaluate_task_with_items
     from lifealign.evaluation.scorers.base import EvalContext
     from lifealign.models.load import load_model_and_tokenizer
-    from lifealign.models.lora import attach_lora, load_adapter
+    from lifealign.models.lora import attach_lora, check_adapter_dir, load_adapter
 
+    if adapter:
+        check_adapter_dir(adapter)
     stream = load_stream(cfg.tasks, cfg.data, seed=cfg.train.seed)
+    if not any(task.test for task in stream):
+        raise ValueError("lifealign eval: no task of the config has held-out pairs (tasks[].test) to score")
+    names = list(dict.fromkeys([*cfg.eval.scorers, LIKELIHOOD_SCORER]))
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"scorers": names})})
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model = load_adapter(model, adapter) if adapter else attach_lora(model, cfg.model.lora)
     ctx = EvalContext(model=model, tokenizer=tokenizer, data=cfg.data, eval=cfg.eval)
     scorers = build_scorers(cfg)
-    return {task.name: evaluate_task(ctx, task, scorers) for task in stream if task.test}
+    out = {}
+    for task in stream:
+        if task.test:
+            scores, items = evaluate_task_with_items(ctx, task, scorers)
+            out[task.name] = {"scores": scores, "n": {m: items[m].n_scored for m in scores if m in items}}
+    return out

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from lifealign.config.load import trajectory_signature
 from lifealign.config.schema import RunConfig
@@ -293,7 +294,14 @@ class StreamRunner:
         tracker.load_state_dict(self.state.drift)
         learned = {j for j, _ in tasks} if self.method.section.runner == "mtl" else {row}
         evaluated: list[tuple[Task, dict[str, ItemScores]]] = []
-        for j, task in tasks:
+        after = f"after {self.stream[row].name}" if row is not None else "untrained"
+        bar = tqdm(
+            tasks,
+            desc=f"{self.method.name} eval ({after})",
+            disable=True if not (self.cfg.train.progress and self.acc.is_main_process) else None,
+            leave=False,
+        )
+        for j, task in bar:
             if not task.test:
                 continue
             with self.acc.autocast():  # evaluate in the run's precision (bf16 runs score under bf16 autocast)

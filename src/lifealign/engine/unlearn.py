@@ -12,6 +12,9 @@ Phases, each committed to an atomic checkpoint (``checkpoints/``) when it ends::
 Inside a solve the loop's own mid-stage checkpoints (every ``train.save_every`` steps) make a killed run resume at
 the step where it stopped. ``--resume`` refuses a checkpoint written under another config (``ResumeError``). The
 original-model SFT is not checkpointed mid-way: a run killed during it redoes it.
+
+With an original-model SFT, its LoRA is saved as ``original_adapter/`` (on the plain base) beside U2A's ``adapter/``
+(trained on base + that LoRA merged), and ``adapter/README.md`` shows how to stack the two with plain peft.
 """
 
 from __future__ import annotations
@@ -55,6 +58,23 @@ logger = logging.getLogger(__name__)
 __all__ = ["UnlearnRun", "run_unlearning"]
 
 PAIR = ("chosen", "rejected")
+
+
+ORIGINAL_ADAPTER = "original_adapter"
+STACKING = """# How to load this adapter
+
+U2A trained it on the *original* model: the base with the SFT adapter of `../{original}/` merged in
+(`unlearn.original_sft_steps > 0`). `adapter_config.json` names the plain base, so stack the two:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained(BASE)  # base_model_name_or_path of ../{original}/adapter_config.json
+original = PeftModel.from_pretrained(base, "RUN_DIR/{original}").merge_and_unload()
+model = PeftModel.from_pretrained(original, "RUN_DIR/adapter")  # the unlearned policy; disable it for the original
+```
+"""
 
 
 class UnlearnRun:
@@ -108,6 +128,8 @@ class UnlearnRun:
         peft = attach_lora(base, self.cfg.model.lora)
         self.phases.phase("original", lambda: self._train_original(peft))
         load_lora_state(peft, self.original.tensors)
+        if self.acc.is_main_process:
+            save_adapter(peft, self.dir / ORIGINAL_ADAPTER)
         return peft.merge_and_unload()
 
     def _setup(self) -> None:
@@ -288,6 +310,8 @@ class UnlearnRun:
         self.metrics.write({"event": "eval", "method": name, **metrics})
         if name == "u2a" and self.acc.is_main_process:
             save_adapter(self.unwrapped, self.dir / "adapter")
+            if self.section.original_sft_steps:
+                (self.dir / "adapter" / "README.md").write_text(STACKING.format(original=ORIGINAL_ADAPTER))
 
     # ----- the run -----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def selection_summary(
     }
 
 
-def _table_lines(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def table_lines(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
     extra = sorted({k for row in table.values() for k in row if k not in TABLE_COLUMNS and k != "skipped"})
     columns = [*TABLE_COLUMNS, *extra]
     lines = ["| method | " + " | ".join(escape_markdown(c) for c in columns) + " |", "|---|" + "---|" * len(columns)]
@@ -102,7 +102,7 @@ def render_unlearn_report(results: Mapping[str, Any], figures: Mapping[str, str]
         "",
         "## U2A vs baselines",
         "",
-        *_table_lines(results.get("table", {})),
+        *table_lines(results.get("table", {})),
         "",
         "## Data",
         "",

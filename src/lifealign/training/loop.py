@@ -359,8 +359,17 @@ def _edit_and_clip(
 
 
 def _step_record(
-    stage: StageContext, plan: StagePlan, state: _StageState, step: int, finite: bool, lr: float, grad_norm: Any
+    stage: StageContext,
+    plan: StagePlan,
+    state: _StageState,
+    step: int,
+    finite: bool,
+    lr: float,
+    grad_norm: Any,
+    n_examples: int,
 ) -> dict[str, Any]:
+    cfg, acc = stage.train, stage.accelerator
+    examples_seen = (step + 1) * cfg.batch_size * cfg.grad_accum * acc.num_processes
     return {
         "event": "step" if finite else "nonfinite_skipped",
         "method": stage.method_name,
@@ -371,6 +380,7 @@ def _step_record(
         "global_step": stage.steps.value,
         "learning_rate": lr,
         "grad_norm": float(grad_norm),
+        "epoch": examples_seen / max(n_examples, 1),
         "nonfinite_skipped": state.skipped,
     }
 
@@ -403,7 +413,7 @@ def train_task(
         initial=state.start_step,
         total=state.steps,
         desc=f"{stage.method_name + ' ' if stage.method_name else ''}{plan.task.name}/{plan.stage}",
-        disable=not (cfg.progress and acc.is_main_process),
+        disable=True if not (cfg.progress and acc.is_main_process) else None,  # None: off when not a terminal
         leave=False,
     )
     metrics: dict[str, float] = {}
@@ -431,7 +441,8 @@ def train_task(
         stage.steps.value += 1
         metrics = outcome.means.result()
         if acc.is_main_process and ((step + 1) % cfg.log_every == 0 or not finite or step + 1 == state.steps):
-            stage.metrics({**_step_record(stage, plan, state, step, finite, lr_used, grad_norm), **metrics})
+            record = _step_record(stage, plan, state, step, finite, lr_used, grad_norm, len(examples))
+            stage.metrics({**record, **metrics})
         bar.set_postfix(
             loss=f"{metrics.get('loss', float('nan')):.4f}",
             acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
