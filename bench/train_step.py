@@ -585,7 +585,8 @@ def layout_fields(config: Config) -> dict[str, Any]:
 
 def patch_loop_collate(configs: list[Config]) -> None:
     """Route the loop's ``collate_pairs`` through ``collate(..., layout)`` of the configuration whose worker thread
-    calls it (one worker runs at a time; configurations in ``concat`` get ``collate_pairs`` unchanged)."""
+    calls it, and its ``compute_reference_logps`` through the same layout (one worker runs at a time;
+    configurations in ``concat`` get both unchanged)."""
     from lifealign.config.schema import TrainSection
     from lifealign.data.collate import collate
     from lifealign.training import loop
@@ -601,8 +602,17 @@ def patch_loop_collate(configs: list[Config]) -> None:
             return original(examples, pad_id, sides=sides)
         return collate(examples, pad_id, sides=sides, layout=config.layout, pack_tokens=PACK_TOKENS)
 
+    reference_logps = loop.compute_reference_logps
+
+    def compute_reference_logps(*a: Any, **k: Any) -> Any:
+        config = LAYOUT_BY_THREAD.get(threading.current_thread().name)
+        if config is not None and config.layout != "concat":
+            k = {**k, "layout": config.layout, "pack_tokens": PACK_TOKENS}
+        return reference_logps(*a, **k)
+
     collate_pairs._bench_layout = True  # type: ignore[attr-defined]
     loop.collate_pairs = collate_pairs
+    loop.compute_reference_logps = compute_reference_logps
 
 
 def _time_trl_precompute() -> None:
@@ -979,12 +989,13 @@ def report(
     print()
 
     steps_per_epoch = math.ceil(DEMO_TASK_PAIRS / args.pairs)
-    for name in ("ours", "ours_bf16", "trl_precompute"):
+    n_ref = len(data.examples)  # the pre-computation covers the whole pool
+    for name in ("ours", "ours_bf16", "ours_shared", "ours_packed", "ours_packed_bf16", "trl_precompute"):
         r = results.get(name)
         if r and r["reference_precompute_s"] is not None:
-            per_pair = r["reference_precompute_s"] / args.pairs
+            per_pair = r["reference_precompute_s"] / n_ref
             print(
-                f"reference pre-computation {name}: {r['reference_precompute_s']:.3f} s for {args.pairs} pairs = "
+                f"reference pre-computation {name}: {r['reference_precompute_s']:.3f} s for {n_ref} pairs = "
                 f"{per_pair:.3f} s/pair; amortised over one epoch of a {DEMO_TASK_PAIRS}-pair demo task "
                 f"({steps_per_epoch} steps of {args.pairs}): {per_pair * args.pairs:.3f} s/step "
                 f"(precompute time per pair x pairs per step: the epoch size cancels)"
