@@ -1,8 +1,9 @@
 """Prefix-shared and packed batches give the concatenated forward's log-probs, token counts and LoRA gradients.
 
 The oracle is ``batch_logps`` on ``collate_pairs`` rows (the path every caller used so far). fp32 values agree to
-float rounding (different matmul shapes and attention widths reorder sums): ``atol 1e-5`` plus ``rtol 1e-6`` of a
-sequence log-prob, which is a sum over up to a few hundred tokens.
+float rounding (attention over other lengths reorders its sums): ``atol 1e-5`` plus ``rtol 1e-6`` of a sequence
+log-prob, which is a sum over up to a few hundred tokens (SmolLM2 on hh-rlhf: per-token differences up to 3e-5, 2
+ulps of a -348 sum); LoRA gradients within 1e-5 of the gradient's norm and of its largest element.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def assert_same_as_concat(model, examples, pad_id, sides=PAIR, cases=SEGMENT_CAS
         case = f"{layout} pack_tokens={pack_tokens}"
         assert torch.equal(tokens, want_tokens), case
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-6), (case, (got - want).abs().max().item())
-        assert torch.allclose(grads, want_grads, atol=1e-6, rtol=1e-4), (case, (grads - want_grads).abs().max().item())
+        # gradients compared at their own scale: an element near 0 carries the absolute rounding of the large ones
+        diff = grads - want_grads
+        rel_norm, rel_max = (diff.norm() / want_grads.norm()).item(), (diff.abs().max() / want_grads.abs().max()).item()
+        assert rel_norm < 1e-5 and rel_max < 1e-5, (case, rel_norm, rel_max)
     assert not output_head(model)._forward_pre_hooks  # the selection hook is removed after every call
 
 
