@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lifealign.continual.cppo import CPPOPlugin
+from lifealign.continual.ema import EMAPlugin
 from lifealign.continual.ewc import EWCPlugin
 from lifealign.continual.gem import AGEMPlugin, GEMPlugin
 from lifealign.continual.l2p import L2PPlugin
@@ -32,6 +33,7 @@ METHODS: dict[str, type[Plugin]] = {
     "l2p": L2PPlugin,
     "cppo": CPPOPlugin,
     "lwf": LwFPlugin,
+    "ema": EMAPlugin,
 }
 
 __all__ = ["METHODS", "PluginFactory", "bind_plugin"]
