@@ -30,18 +30,29 @@ from lifealign.training.forward import compute_reference_logps, reference_policy
 from lifealign.training.loop import StageContext, StagePlan, train_task
 from lifealign.training.plugin import PluginContext
 from lifealign.unlearning.data import reindex, stream_data, tokenize_side
-from lifealign.unlearning.inner import InnerSolver, inner_plugins
+from lifealign.unlearning.inner import InnerSolver, SolveOutcome, inner_plugins
 from lifealign.unlearning.objectives import FORGET_SIDES, forget_loss, inner_lr, steps_per_solve, uses_retain
 from lifealign.unlearning.u2a import U2A, U2AInputs, U2AProgress
 from lifealign.utils.jsonio import nan_to_null
 
-__all__ = ["mixed_records", "train_stage", "unlearn_stage"]
+__all__ = ["mixed_records", "solve_summary", "train_stage", "unlearn_stage"]
 
 logger = logging.getLogger(__name__)
 
 
 def _finite_or_none(v: float | None) -> float | None:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def solve_summary(outcome: SolveOutcome) -> dict[str, Any]:
+    """A solve's steps, whether it ended before its planned steps, its stop events and the steps of the epochs that
+    ``stop_scope: epoch`` left early."""
+    return {
+        "steps": outcome.steps,
+        "stopped": outcome.steps + outcome.skipped_steps < outcome.planned_steps,
+        "stop_events": len(outcome.events),
+        "skipped_steps": outcome.skipped_steps,
+    }
 
 
 def mixed_records(stage: StageContext, ctx: PluginContext, name: str, records: list[PreferencePair]) -> list:
@@ -143,16 +154,15 @@ def unlearn_stage(cfg: RunConfig, stage: StageContext, ctx: PluginContext, job: 
             )
         if not job.entry:
             job.record({"mode": "all", "started": True})
-        steps = steps_per_solve(section, train, len(candidates))
+        steps = steps_per_solve(section, train, len(candidates), solver.world)
         outcome = solver.solve(
             task, candidates, loss, max_steps=steps, plugins=plugins("all"), resume=stage.take_resume()
         )
         summary = {
             "mode": "all",
             "selected": len(candidates),
-            "steps": outcome.steps,
-            "stopped": outcome.stopped is not None,
-            "events": [outcome.stopped] if outcome.stopped else [],
+            **solve_summary(outcome),
+            "events": list(outcome.events),
             **{f"last/{k}": v for k, v in outcome.metrics.items()},
         }
     return nan_to_null({**base, **summary})

@@ -36,6 +36,7 @@ from lifealign.engine.parts import AdapterPart
 from lifealign.engine.run import JsonPart, Run, TensorPart
 from lifealign.engine.rundir import claim_run_dir
 from lifealign.engine.specs import bind_config
+from lifealign.engine.stages import solve_summary
 from lifealign.evaluation.scorers.base import Shard
 from lifealign.losses import CombinedLoss, bind_losses
 from lifealign.models.load import load_model_and_tokenizer
@@ -51,7 +52,7 @@ from lifealign.unlearning.evaluate import evaluate_unlearning, prepare_eval_sets
 from lifealign.unlearning.inner import InnerSolver, inner_plugins
 from lifealign.unlearning.objectives import FORGET_SIDES, forget_loss, inner_lr
 from lifealign.unlearning.selection import choose_k
-from lifealign.unlearning.u2a import U2A, U2AInputs, U2AProgress, u2a_budget
+from lifealign.unlearning.u2a import U2A, U2AInputs, U2AProgress
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ class UnlearnRun:
             resume_loop=self.phases.take_resume,
         )
         n_selected = len(progress.selected) or choose_k(len(self.candidates), self.section.k, self.section.k_fraction)
-        self.state["budget"] = u2a_budget(self.section, self.cfg.train, n_selected)
+        self.state["budget"] = procedure.budget(n_selected)
         self.state["stages"]["u2a"] = {
             "steps": sum((r.get("solve") or {}).get("steps", 0) for r in progress.rounds),
             "stopped": progress.stopped,
@@ -282,13 +283,8 @@ class UnlearnRun:
             plugins=plugins,
             resume=self.phases.take_resume(),
         )
-        self.state["stages"][name] = {
-            "steps": outcome.steps,
-            "stopped": outcome.stopped is not None,
-            "examples": len(job.examples),
-        }
-        if outcome.stopped is not None:
-            self.state["events"].append(outcome.stopped)
+        self.state["stages"][name] = {**solve_summary(outcome), "examples": len(job.examples)}
+        self.state["events"] += outcome.events
 
     def _evaluate(self, name: str) -> None:
         if "skipped" in self.state["results"].get(name, {}):
