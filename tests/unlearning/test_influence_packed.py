@@ -146,20 +146,21 @@ def test_segment_attention_restores_the_implementation_on_error(ragged):
 
 @pytest.mark.skipif(not SAFE_RLHF.is_file(), reason="../shared/data/preference-tasks/safe-rlhf is absent")
 def test_packed_scores_equal_naive_on_real_safe_rlhf_negatives(lora_factory):
-    """Real rejected responses (safe-rlhf), ragged after truncation (byte tokens: the config's 96/48 limits scaled up
-    so that lengths differ), NPO: packed == naive."""
+    """Seven real rejected responses (safe-rlhf), NPO, packed into rows of <= 1024 tokens: packed == naive. Byte
+    tokens, so the config's 96/48 limits are scaled to 512/128: 64 to 512 tokens, one prompt and one response cut."""
     model, tok = lora_factory()
-    records = json.loads(SAFE_RLHF.read_text())[:12]
+    records = json.loads(SAFE_RLHF.read_text())[:20]
     pairs = [PreferencePair(r["query"], r["chosen"], r["rejected"], id=str(i)) for i, r in enumerate(records)]
-    data = DataSection(max_length=1024, max_prompt_length=256)
-    cands = _indexed(tokenize_pairs(pairs[:8], tok, data, sides=FORGET).examples)
-    pa = _indexed(tokenize_pairs(pairs[8:], tok, data).examples)
-    assert len({len(c["prompt_ids"]) + len(c["rejected_ids"]) for c in cands}) > 3
+    data = DataSection(max_length=512, max_prompt_length=128)
+    cands = _indexed(tokenize_pairs([pairs[i] for i in (0, 1, 5, 10, 11, 13, 19)], tok, data, sides=FORGET).examples)
+    pa = _indexed(tokenize_pairs(pairs[2:5], tok, data).examples)
+    lengths = [len(c["prompt_ids"]) + len(c["rejected_ids"]) for c in cands]
+    assert len(set(lengths)) == 7 and min(lengths) < 100 and max(lengths) == 512
     ref = lambda: reference_context(model)  # noqa: E731
     cand_ref = compute_reference_logps(model, cands, tok.pad_token_id, FORGET, ref)
     pref_ref = compute_reference_logps(model, pa, tok.pad_token_id, PAIR, ref)
     _, grad_j = preference_gradient(model, pa, pref_ref, pad_id=tok.pad_token_id, beta=0.3)
     loss = forget_loss(UnlearnSection(objective="npo"))
     kw = dict(pad_id=tok.pad_token_id, ref_logps=cand_ref)
-    packed = fast_scores(model, cands, grad_j, loss, token_budget=2048, **kw)
+    packed = fast_scores(model, cands, grad_j, loss, token_budget=1024, **kw)
     assert _rel_diff(packed, naive_scores(model, cands, grad_j, loss, **kw)) <= 1e-4

@@ -31,6 +31,7 @@ gradient of the same deterministic loss.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -65,6 +66,8 @@ __all__ = [
 
 Direction = dict[str, tuple[Tensor, Tensor]]
 """A vector on the LoRA parameters: module name -> ``(on A (r, d_in), on B (d_out, r))``."""
+
+logger = logging.getLogger(__name__)
 
 FORGET = ("rejected",)
 PAIR = ("chosen", "rejected")
@@ -265,7 +268,10 @@ def fast_scores(
     """
     if not examples:
         return torch.zeros(0)
-    if packing and packing_unsupported(model) is None:
+    reason = packing_unsupported(model) if packing else None
+    if reason is not None:
+        logger.info("impact scores padded, not packed: %s", reason)
+    if packing and reason is None:
         lengths = [len(ex["prompt_ids"]) + len(ex["rejected_ids"]) for ex in examples]
         budget = token_budget if token_budget is not None else batch_size * max(lengths)
         rows = pack_rows(lengths, budget)
