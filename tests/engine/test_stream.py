@@ -5,8 +5,10 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 
 from lifealign.continual import METHODS
 from lifealign.engine.experiment import run_experiment
+from lifealign.engine.run import ResumeError
 from lifealign.training.metrics import read_metrics
 from lifealign.training.plugin import Plugin
 from tests.helpers import tiny_config
@@ -267,3 +270,86 @@ def test_seeds_run_in_their_own_folders_and_a_kill_in_the_second_resumes_to_the_
     ]
     report = (clean / "report.md").read_text()
     assert "er" in report and "[" in report and "p (Holm)" in report or "Holm" in report
+
+
+def test_a_finished_stream_extended_by_a_task_scores_as_the_longer_stream_run_from_the_start(tmp_path):
+    """Appending a fourth task to a finished three-task run and resuming learns it with every plugin's state
+    (replay's buffer here) and keeps the finished rows: the same numbers as the four-task stream from the start."""
+    method = {"name": "er", "loss": {"name": "dpo"}, "plugins": [{"name": "replay", "fraction": 0.5}]}
+    sizes = {"train": {"max_steps": 2, "save_every": 100}, "eval": {"scorers": ["pref_acc"], "max_examples": 4}}
+    four = tiny_config(tmp_path / "four", n_tasks=4, method=method, **sizes)
+    three = tiny_config(tmp_path / "extended", n_tasks=3, method=method, **sizes)
+    reference = run_experiment(four, report=False)["er"]
+    run_experiment(three, report=False)
+    extended_cfg = three.model_copy(update={"tasks": four.tasks})
+    extended = run_experiment(extended_cfg, resume=True, report=False)["er"]
+    for metric in ("pref_acc", "margin", "kl"):
+        want, got = reference[metric], extended[metric]
+        np.testing.assert_allclose(np.array(got["matrix"], float), np.array(want["matrix"], float), atol=1e-6)
+        if "initial" in want:  # drift metrics have no untrained row
+            np.testing.assert_allclose(got["initial"], want["initial"], atol=1e-6)
+        for key in ("bwt", "last", "ap"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (metric, key)
+    changed = three.model_copy(update={"tasks": four.tasks, "eval": three.eval.model_copy(update={"max_examples": 3})})
+    with pytest.raises(ResumeError, match="eval.max_examples"):
+        run_experiment(changed, resume=True, report=False)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_folder_is_refused_at_once_and_the_first_completes(tmp_path):
+    cfg = tiny_config(tmp_path, n_tasks=2, train={"max_steps": 40, "save_every": 1000})  # long enough to overlap
+    path = _write_cfg(tmp_path, cfg)
+    out = tmp_path / "shared"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("LIFEALIGN_FAULT", None)
+    log = open(tmp_path / "first.log", "w")  # a file, not a pipe: a full pipe would block the first run
+    first = subprocess.Popen(
+        [sys.executable, "-m", "lifealign", "run", str(path), "--out", str(out), "--no-report"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / ".lifealign.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = _cli(["run", str(path), "--out", str(out), "--overwrite", "--no-report"])
+    assert first.poll() is None, "the first run ended before the second was refused: make it longer"
+    assert second.returncode != 0 and "in use by another run" in second.stderr  # refused while the first runs
+    try:
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()
+    finally:
+        first.kill()
+        log.close()
+    assert json.loads((out / "scores.json").read_text())["seqft"]["pref_acc"]["n_items"] == [8, 8]
+    assert not (out / ".lifealign.lock").exists()
+    again = _cli(["run", str(path), "--out", str(out), "--no-report"])
+    assert again.returncode != 0 and "--resume" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_a_scorer_that_fails_on_every_item_is_an_error_once_its_items_are_saved(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from lifealign.evaluation import scorers
+    from lifealign.evaluation.scorers.base import ItemScores, Scorer, ScorerError, task_examples
+
+    class HalfBroken(Scorer):
+        """Fails on every item of the second task and on one item of the first."""
+
+        name = "half_broken"
+
+        def score_items(self, ctx, task):
+            ids = [str(e["id"]) for e in task_examples(ctx, task)]
+            values = [math.nan if task.name == "capitals" or k == 0 else 1.0 for k in range(len(ids))]
+            return {self.name: ItemScores(ids, values, failures={"no_score": sum(math.isnan(v) for v in values)})}
+
+    monkeypatch.setitem(scorers.SCORERS, "half_broken", HalfBroken)
+    cfg = tiny_config(tmp_path, n_tasks=2, train={"max_steps": 1}, eval={"scorers": ["pref_acc", "half_broken"]})
+    with caplog.at_level(logging.WARNING), pytest.raises(ScorerError, match="'half_broken' failed on all 8 items"):
+        run_experiment(cfg, report=False)
+    assert "1 of 8 items failed" in caplog.text  # a partial failure is a loud warning, the score is the rest's mean
+    from lifealign.engine.items import read_items
+
+    saved = {(r["metric"], r["task"], r["row"]) for r in read_items(tmp_path / "run" / "items.jsonl")}
+    # the untrained model's evaluation already fails on capitals: every metric of it was written before the error
+    assert ("half_broken", "capitals", None) in saved and ("pref_acc", "capitals", None) in saved
