@@ -263,9 +263,11 @@ def main() -> int:
         flops[name] = scoring_flops(body, head, examples)
         print(f"{name}: {len(examples)} candidates; {describe(examples, args.batch_size, args.token_budget)}")
         print(f"{name}: model matmul work {flops[name] / 1e9 / len(examples):.1f} GFLOP per candidate")
-        group = examples[: args.batch_size]  # warm-up of both fast paths
-        fast_scores(model, group, direction, loss, pad_id=pad, ref_logps=cand_ref, batch_size=args.batch_size)
-        fast_scores(model, group, direction, loss, pad_id=pad, ref_logps=cand_ref, packing=False)
+        group, rows = examples[: args.batch_size], cand_ref[: args.batch_size]  # warm-up of both fast paths
+        for packing in (True, False):
+            fast_scores(
+                model, group, direction, loss, pad_id=pad, ref_logps=rows, batch_size=args.batch_size, packing=packing
+            )
 
     results: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
     for run in range(1, args.runs + 1):
