@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from lifealign.config.load import load_config
     from lifealign.engine.experiment import run_experiment
+    from lifealign.engine.specs import load_run_config as load_config
     from lifealign.report.markdown import SCORE_METRICS, summary_table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument(
         "--allow-config-change", action="store_true", help="resume checkpoints written under another config hash"
     )
+    parser.add_argument("--seeds", help="run the stream once per seed, e.g. 1,2,3 (folders seed-<s>/)")
+    parser.add_argument("--orders", type=int, help="K task orders (the config's, its named orders, permutations)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args()
     if args.methods:  # `--methods a b key=value`: nargs="*" also swallows the overrides that follow it
@@ -59,7 +61,15 @@ def main() -> int:
         cfg = cfg.model_copy(update={"methods": chosen})
 
     started = time.monotonic()
-    scores = run_experiment(cfg, out_dir=args.out, resume="auto", allow_config_change=args.allow_config_change)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    scores = run_experiment(
+        cfg,
+        out_dir=args.out,
+        resume="auto",
+        allow_config_change=args.allow_config_change,
+        seeds=seeds,
+        orders=args.orders,
+    )
     wall = time.monotonic() - started
     metrics = [m for m in dict.fromkeys(k for s in scores.values() for k in s) if m in SCORE_METRICS]
     print("\n".join(summary_table(scores, metrics, avg=True)).replace("\\_", "_"))

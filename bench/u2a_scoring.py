@@ -145,7 +145,7 @@ def build_cases(tokenizer, pairs: list, args: argparse.Namespace, data) -> dict[
 
 def describe(examples: list[dict], batch_size: int, budget: int | None) -> str:
     """Lengths, the padding a padded batch carries, and the packed rows of each group."""
-    from lifealign.unlearning.packed import pack_rows
+    from lifealign.data.packing import pack_rows
 
     lengths = [n_tokens(ex) for ex in examples]
     padded = rows = 0

@@ -119,3 +119,25 @@ def test_every_import_points_to_the_same_or_an_earlier_documented_layer():
         if layers[_subpackage(dep)] > layers[_subpackage(module)]
     )
     assert upward == []
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function from its signature to its end, without its docstring."""
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        docstring = body[0].end_lineno - body[0].lineno + 1
+    else:
+        docstring = 0
+    return node.end_lineno - node.lineno + 1 - docstring
+
+
+def test_functions_stay_small():
+    """The one loop (``train_task``) may take 120 lines; every other function 60, docstrings not counted."""
+    too_long = []
+    for path in sorted((SRC / "lifealign").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                limit = 120 if node.name == "train_task" else 60
+                if _body_lines(node) > limit:
+                    too_long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({_body_lines(node)} lines)")
+    assert too_long == []

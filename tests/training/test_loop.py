@@ -124,19 +124,13 @@ def test_lora_state_changes_after_training(tmp_path):
     assert all(v.abs().sum() == 0 for k, v in init.items() if "lora_B" in k)
 
 
-class _NanGradOnce:
+class _NanGradOnce(Plugin):
     """A plugin that poisons one LoRA gradient with NaN on the second optimizer step (finite loss, F18)."""
 
     name = "nangrad"
 
     def __init__(self):
-        from lifealign.training.plugin import Plugin
-
-        self._base = Plugin()
         self.calls = 0
-
-    def __getattr__(self, item):
-        return getattr(self._base, item)
 
     def after_backward(self, ctx):
         self.calls += 1

@@ -12,6 +12,7 @@ import torch
 from lifealign.config.schema import DataSection
 from lifealign.config.unlearn import UnlearnSection
 from lifealign.data.collate import collate_pairs
+from lifealign.data.packing import pack_rows
 from lifealign.data.records import PreferencePair
 from lifealign.data.synthetic import make_synthetic_task
 from lifealign.data.tokenize import tokenize_pairs
@@ -22,7 +23,6 @@ from lifealign.unlearning.objectives import forget_loss
 from lifealign.unlearning.packed import (
     SEGMENT_ATTENTION,
     pack_examples,
-    pack_rows,
     packed_logps,
     packing_unsupported,
 )
@@ -64,15 +64,16 @@ def ragged(lora_factory, tokenize):
 
 
 def test_pack_rows_places_every_index_once_within_the_budget():
+    """The one packer of batch rows (``data.packing``), as U2A's scorer uses it."""
     lengths = [5, 1, 9, 3, 20, 7, 2, 8]
-    rows = pack_rows(lengths, budget=10)
+    rows = pack_rows(lengths, 10)
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert [4] in rows  # longer than the budget: a row alone
     assert all(sum(lengths[i] for i in row) <= 10 for row in rows if row != [4])
     assert len(rows) == 6  # 55 tokens: 5 full-ish rows of <= 10 plus the 20
     assert all(row == sorted(row) for row in rows)
-    assert pack_rows([], budget=4) == []
-    assert pack_rows([3, 3, 3, 3], budget=6) == [[0, 2], [1, 3]]  # balanced: least-filled row first
+    assert pack_rows([], 4) == []
+    assert pack_rows([3, 3, 3, 3], 6) == [[0, 2], [1, 3]]  # balanced: least-filled row first
 
 
 def test_pack_examples_positions_labels_and_scored_positions():

@@ -123,6 +123,13 @@ class TrainSection(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = Field(None, gt=0)
     """``torch.set_num_threads`` for the run; 1 is faster on a CPU shared with other jobs (default: torch's)."""
+    pair_layout: Literal["concat", "shared", "packed"] = "packed"
+    """How a batch of pairs goes through the model: ``concat`` (trl's: a chosen row and a rejected row, each with the
+    prompt), ``shared`` (one row per pair, ``prompt | chosen | rejected``, the prompt computed once) or ``packed``
+    (``shared`` rows packed without padding). All three give the same log-probs and gradients up to float rounding
+    (tests/training/test_packed.py); a method whose plugins need plain rows (L2P, CPPO) runs ``concat``."""
+    pack_tokens: int | None = Field(None, gt=0)
+    """Row budget of ``packed`` in tokens; ``None`` = each micro-batch in one row."""
     cache_reference: bool = True
     """Compute reference log-probs once per dataset (the reference never changes within a stage)."""
     save_every: int = Field(50, gt=0)

@@ -134,6 +134,7 @@ class CPPOPlugin(Plugin):
     """CPPO sample weights and knowledge retention on top of the loop's DPO-family loss."""
 
     name = "cppo"
+    plain_rows_only = True  # the old policy's log-probs come from a functional forward on plain rows
 
     def __init__(
         self,

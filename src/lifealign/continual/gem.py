@@ -310,4 +310,5 @@ def _concat(parts: list[StoredExamples]) -> StoredExamples:
     examples = [{**ex, "index": k} for k, ex in enumerate(ex for part in parts for ex in part.examples)]
     refs = [part.reference for part in parts]
     reference = torch.cat(refs) if refs and all(r is not None for r in refs) else None
-    return StoredExamples(examples, reference, parts[0].sides)
+    first = parts[0]
+    return StoredExamples(examples, reference, first.sides, first.layout, first.pack_tokens)

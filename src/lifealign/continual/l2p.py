@@ -141,6 +141,7 @@ class L2PPlugin(Plugin):
     """L2P prompt pool prepended through model hooks; surrogate key-matching loss as ``extra_loss``."""
 
     name = "l2p"
+    plain_rows_only = True  # the prompt pool is prepended to plain rows by a decoder pre-hook
 
     def __init__(
         self,

@@ -66,6 +66,49 @@ def pack_rows(lengths: Sequence[int], pack_tokens: int | None) -> list[list[int]
     return sorted(sorted(row) for row in rows if row)
 
 
+def _segment(
+    ex: dict[str, Any],
+    sides: Sequence[str],
+    start: int,
+    predictors: list[list[list[int]]],
+    targets: list[list[list[int]]],
+    b: int,
+) -> tuple[list[int], list[int], list[int]]:
+    """``prompt | side_0 | side_1 ...`` of pair ``b`` starting at flat index ``start``: its token ids, position ids
+    (every side continues from the prompt's end) and branch ids (0 prompt, s + 1 side s); fills
+    ``predictors[s][b]`` (flat positions whose logits score side s) and ``targets[s][b]`` (the tokens they predict)."""
+    prompt = list(ex["prompt_ids"])
+    ids, positions, branches = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+    for s, side in enumerate(sides):
+        response = list(ex[f"{side}_ids"])
+        first = start + len(ids)  # flat index of this side's first token
+        # the last prompt token predicts token 0 (with no prompt, token 0 is not predicted)
+        before = [start + len(prompt) - 1] if prompt and response else []
+        predictors[s][b] = before + [first + k for k in range(len(response) - 1)]
+        targets[s][b] = response[len(response) - len(predictors[s][b]) :]
+        ids += response
+        positions += range(len(prompt), len(prompt) + len(response))
+        branches += [s + 1] * len(response)
+    return ids, positions, branches
+
+
+def _flatten(per_side: list[list[list[int]]]) -> list[int]:
+    """Side-major, then pair, then token order (the order of the concatenated rows' scored positions)."""
+    return [i for per_pair in per_side for values in per_pair for i in values]
+
+
+def concat_scored_grid(examples: Sequence[dict[str, Any]], sides: Sequence[str]) -> torch.Tensor:
+    """The concatenated rows' scored grid ``(S * B, T - 1)`` (row ``s * B + b``, column ``t - 1`` for response token
+    ``t``): summing per-token values over it adds them in the order the concatenated forward does."""
+    concat_width = max(len(ex["prompt_ids"]) + len(ex[f"{side}_ids"]) for ex in examples for side in sides)
+    scored = torch.zeros(len(sides) * len(examples), max(concat_width - 1, 0), dtype=torch.bool)
+    for s, side in enumerate(sides):
+        for b, ex in enumerate(examples):
+            n_prompt, n = len(ex["prompt_ids"]), len(ex[f"{side}_ids"])
+            scored[s * len(examples) + b, max(n_prompt - 1, 0) : n_prompt + n - 1] = True
+    return scored
+
+
 def collate_segments(
     examples: Sequence[dict[str, Any]],
     pad_id: int,
@@ -104,44 +147,23 @@ def collate_segments(
         col = 0  # the next free column of row r
         for b in row:
             ex = examples[b]
-            prompt = list(ex["prompt_ids"])
-            segments[r].append((col, len(prompt), tuple(len(ex[f"{side}_ids"]) for side in sides)))
-            ids, positions, branches = list(prompt), list(range(len(prompt))), [0] * len(prompt)
-            for s, side in enumerate(sides):
-                response = list(ex[f"{side}_ids"])
-                first = r * width + col + len(ids)  # flat index of this side's first token
-                # the last prompt token predicts token 0 (with no prompt, token 0 is not predicted)
-                before = [r * width + col + len(prompt) - 1] if prompt and response else []
-                predictors[s][b] = before + [first + k for k in range(len(response) - 1)]
-                targets[s][b] = response[len(response) - len(predictors[s][b]) :]
-                ids += response
-                positions += range(len(prompt), len(prompt) + len(response))
-                branches += [s + 1] * len(response)
+            segments[r].append((col, len(ex["prompt_ids"]), tuple(len(ex[f"{side}_ids"]) for side in sides)))
+            ids, positions, branches = _segment(ex, sides, r * width + col, predictors, targets, b)
             span = slice(col, col + len(ids))
             input_ids[r, span] = torch.tensor(ids, dtype=torch.long)
             position_ids[r, span] = torch.tensor(positions, dtype=torch.long)
             segment_ids[r, span] = b + 1
             branch_ids[r, span] = torch.tensor(branches, dtype=torch.long)
             col += len(ids)
-    # The concatenated rows' scored grid (row s * B + b, column t - 1 for response token t): summing the per-token
-    # values over it adds them in the order the concatenated forward does.
-    concat_width = max(len(ex["prompt_ids"]) + len(ex[f"{side}_ids"]) for ex in examples for side in sides)
-    scored = torch.zeros(len(sides) * len(examples), max(concat_width - 1, 0), dtype=torch.bool)
-    for s, side in enumerate(sides):
-        for b, ex in enumerate(examples):
-            n_prompt, n = len(ex["prompt_ids"]), len(ex[f"{side}_ids"])
-            scored[s * len(examples) + b, max(n_prompt - 1, 0) : n_prompt + n - 1] = True
-    flat_index = [i for per_side in predictors for per_pair in per_side for i in per_pair]
-    flat_labels = [t for per_side in targets for per_pair in per_side for t in per_pair]
     batch: dict[str, Any] = {
         "layout": layout,
         "input_ids": input_ids,
         "position_ids": position_ids,
         "segment_ids": segment_ids,
         "branch_ids": branch_ids,
-        "score_index": torch.tensor(flat_index, dtype=torch.long),
-        "labels": torch.tensor(flat_labels, dtype=torch.long),
-        "scored": scored,
+        "score_index": torch.tensor(_flatten(predictors), dtype=torch.long),
+        "labels": torch.tensor(_flatten(targets), dtype=torch.long),
+        "scored": concat_scored_grid(examples, sides),
         "segments": segments,
         "n_pairs": len(examples),
         "sides": sides,

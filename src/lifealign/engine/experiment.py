@@ -330,7 +330,14 @@ def evaluate_adapter(cfg: RunConfig, adapter: str | Path | None = None) -> dict[
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"scorers": names})})
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model = load_adapter(model, adapter) if adapter else attach_lora(model, cfg.model.lora)
-    ctx = EvalContext(model=model, tokenizer=tokenizer, data=cfg.data, eval=cfg.eval)
+    ctx = EvalContext(
+        model=model,
+        tokenizer=tokenizer,
+        data=cfg.data,
+        eval=cfg.eval,
+        layout=cfg.train.pair_layout,
+        pack_tokens=cfg.train.pack_tokens,
+    )
     scorers = build_scorers(cfg)
     out = {}
     for task in stream:

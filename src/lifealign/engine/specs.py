@@ -36,6 +36,11 @@ class MethodSpec:
     def name(self) -> str:
         return self.section.name
 
+    def layout(self, requested: str) -> str:
+        """The batch layout the method runs: ``requested`` (``train.pair_layout``) unless one of its plugins needs plain
+        rows (``Plugin.plain_rows_only``), then ``concat``."""
+        return "concat" if any(f.cls.plain_rows_only for f in self.plugins) else requested
+
     def build_plugins(self) -> list[Plugin]:
         """Fresh plugin instances, in config order (each run of the method gets its own)."""
         return [factory.build() for factory in self.plugins]

@@ -129,6 +129,8 @@ class StreamRunner:
             take_resume=self.run.take_resume,
             method_name=method.name,
             steps=self.run.steps,
+            layout=method.layout(cfg.train.pair_layout),
+            pack_tokens=cfg.train.pack_tokens,
         )
         self.sft_loss = sft_loss()
         self.run.register("runner", JsonPart(self.state.to_json, self.state.load_json))
@@ -172,6 +174,7 @@ class StreamRunner:
             "references": self.state.references,
             "stages": self.state.stage_results,
             "elapsed_seconds": self.run.elapsed,
+            "layout": self.stage.layout,
             "memory": {p.name: p.report() for p in self.plugins},
         }
 
@@ -189,6 +192,8 @@ class StreamRunner:
             autocast=self.acc.autocast,
             rank=self.acc.process_index,
             world_size=self.acc.num_processes,
+            layout=self.stage.layout,
+            pack_tokens=self.stage.pack_tokens,
         )
 
     def _before(self, ctx: PluginContext) -> None:
@@ -289,6 +294,8 @@ class StreamRunner:
             eval=self.cfg.eval,
             reference_cache=self.reference_cache,
             shard=Shard(self.acc.process_index, self.acc.num_processes),
+            layout=self.stage.layout,
+            pack_tokens=self.stage.pack_tokens,
         )
         tracker = DriftTracker()
         tracker.load_state_dict(self.state.drift)

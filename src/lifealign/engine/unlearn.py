@@ -206,6 +206,7 @@ class UnlearnRun:
             model=self.model, tokenizer=self.tokenizer, accelerator=self.acc, train=self.cfg.train, data=self.cfg.data,
             loss=loss, plugins=[], metrics=self.metrics.write, commit=self.phases.commit,
             take_resume=self.phases.take_resume, method_name=method, steps=self.phases.steps,
+            layout=self.cfg.train.pair_layout, pack_tokens=self.cfg.train.pack_tokens,
         )  # fmt: skip
         return InnerSolver(stage=stage, ctx=self.ctx, task_index=0, lr=inner_lr(self.section, self.cfg.train))
 

@@ -344,12 +344,19 @@ def render_report(
         lines += summary_table(scores, diagnostics, avg=False) + [""]
     lines += comparisons_section(comparisons)
     lines += power_section(comparisons)
-    lines += [
-        "## Score matrices",
-        "",
-        "Row: after training task i; column: evaluated on task j; – = not evaluated.",
-        "",
-    ]
+    lines += _matrices_and_figures(scores, figures)
+    if run_info.get("samples"):
+        lines += samples_section(run_info["samples"])
+    if references is not None:
+        lines += reference_section(references)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _matrices_and_figures(
+    scores: Mapping[str, Mapping[str, Mapping[str, Any]]], figures: Mapping[str, Sequence[str | Path]]
+) -> list[str]:
+    """Every method's score matrices with their figures, then the figures that belong to no matrix."""
+    lines = ["## Score matrices", "", "Row: after training task i; column: evaluated on task j; – = not evaluated.", ""]
     for method, by_metric in scores.items():
         for metric, summary in by_metric.items():
             lines += matrix_section(method, metric, summary, figures.get(f"{method}/{metric}", []))
@@ -359,11 +366,7 @@ def render_report(
         lines += ["## Other figures", ""]
         for caption, paths in others.items():
             lines += _figure_links(caption, paths) + [""]
-    if run_info.get("samples"):
-        lines += samples_section(run_info["samples"])
-    if references is not None:
-        lines += reference_section(references)
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def _as_text(value: Any) -> str:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from lifealign.config.schema import DataSection, TrainSection
-from lifealign.data.collate import collate_pairs
+from lifealign.data.collate import collate
 from lifealign.data.records import Task
 from lifealign.losses.combine import CombinedLoss
 from lifealign.training.faults import maybe_fault
@@ -110,6 +110,10 @@ class StageContext:
     """Adapter state of the ``previous`` reference policy; None = the base model (adapter disabled)."""
     method_name: str = ""
     steps: StepCounter = field(default_factory=StepCounter)
+    layout: str = "concat"
+    """How batches of pairs are laid out (``data.collate.LAYOUTS``); the run picks ``train.pair_layout`` unless a
+    plugin needs plain rows."""
+    pack_tokens: int | None = None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -264,6 +268,8 @@ def _start_stage(
             lambda: reference_policy(stage.unwrapped, plan.reference_state),
             cfg.batch_size,
             acc.autocast,
+            layout=stage.layout,
+            pack_tokens=stage.pack_tokens,
         )
     return state
 
@@ -309,7 +315,8 @@ def _accumulate(
         idx = micro_batch_indices(
             len(examples), state.seed, step, a, cfg.grad_accum, cfg.batch_size, acc.process_index, acc.num_processes
         )
-        batch = collate_pairs([examples[i] for i in idx], stage.tokenizer.pad_token_id, sides=plan.loss.uses)
+        chunk = [examples[i] for i in idx]
+        batch = collate(chunk, stage.tokenizer.pad_token_id, plan.loss.uses, stage.layout, stage.pack_tokens)
         sync = acc.no_sync(model) if a < cfg.grad_accum - 1 else contextlib.nullcontext()
         with sync:
             ref = _reference_rows(stage, plan, state, batch, idx)

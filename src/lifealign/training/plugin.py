@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -78,12 +78,18 @@ class PluginContext:
     """The run's mixed-precision context (``accelerator.autocast``)."""
     rank: int = 0
     world_size: int = 1
+    layout: str = "concat"
+    """The run's batch layout (``train.pair_layout``), for plugins that batch examples of their own."""
+    pack_tokens: int | None = None
 
 
 class Plugin:
     """Base class: every hook is a no-op."""
 
     name: str = "plugin"
+    plain_rows_only: ClassVar[bool] = False
+    """True for a plugin that reads or hooks plain ``prompt | response`` rows (L2P's prefix hook, CPPO's
+    functional forward): its method then runs the ``concat`` layout."""
 
     def before_task(self, ctx: PluginContext) -> None:
         pass

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lifealign.data.collate import collate_pairs
+from lifealign.data.collate import collate
 from lifealign.data.records import PreferencePair
 from lifealign.data.tokenize import tokenize_pairs
 from lifealign.models.lora import reference_context
@@ -40,6 +40,8 @@ class StoredExamples:
     examples: list[dict[str, Any]]
     reference: Tensor | None
     sides: tuple[str, ...]
+    layout: str = "concat"
+    pack_tokens: int | None = None
 
     @classmethod
     def prepare(cls, ctx: PluginContext, records: Sequence[PreferencePair], batch_size: int) -> StoredExamples:
@@ -48,7 +50,7 @@ class StoredExamples:
         sides = ctx.loss.uses
         examples = tokenize_pairs(list(records), ctx.tokenizer, ctx.data, sides=sides).examples
         if not examples or not ctx.loss.needs_reference:
-            return cls(examples, None, sides)
+            return cls(examples, None, sides, ctx.layout, ctx.pack_tokens)
         model = ctx.model
         ref = compute_reference_logps(
             model,
@@ -58,8 +60,10 @@ class StoredExamples:
             lambda: reference_context(model),
             batch_size,
             ctx.autocast,
+            layout=ctx.layout,
+            pack_tokens=ctx.pack_tokens,
         )
-        return cls(examples, ref, sides)
+        return cls(examples, ref, sides, ctx.layout, ctx.pack_tokens)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -68,7 +72,7 @@ class StoredExamples:
         """The examples at ``positions`` (re-indexed 0..k-1) with their reference rows."""
         examples = [{**self.examples[i], "index": k} for k, i in enumerate(positions)]
         ref = self.reference[torch.tensor(list(positions), dtype=torch.long)] if self.reference is not None else None
-        return StoredExamples(examples, ref, self.sides)
+        return StoredExamples(examples, ref, self.sides, self.layout, self.pack_tokens)
 
     def batches(self, pad_id: int, size: int) -> list[tuple[dict[str, Any], Tensor | None]]:
         """Consecutive collated batches of ``size`` examples with their rows of the reference log-probs."""
@@ -77,5 +81,5 @@ class StoredExamples:
             chunk = self.examples[start : start + size]
             idx = torch.tensor([ex["index"] for ex in chunk])
             ref = self.reference[idx] if self.reference is not None else None
-            out.append((collate_pairs(chunk, pad_id, sides=self.sides), ref))
+            out.append((collate(chunk, pad_id, self.sides, self.layout, self.pack_tokens), ref))
         return out

@@ -42,9 +42,10 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lifealign.data.collate import collate_pairs
+from lifealign.data.packing import pack_rows
 from lifealign.losses import LOSSES, CombinedLoss
 from lifealign.training.forward import batch_logps, loss_inputs
-from lifealign.unlearning.packed import Attention, pack_examples, pack_rows, packed_logps, packing_unsupported
+from lifealign.unlearning.packed import Attention, pack_examples, packed_logps, packing_unsupported
 
 __all__ = [
     "Direction",

@@ -180,6 +180,30 @@ class InnerSolver:
         """The number of processes (``steps_per_solve`` counts optimizer steps on the global batch)."""
         return int(self.stage.accelerator.num_processes)
 
+    def _solve_stage(self, plugins: Sequence[Plugin], events: list[dict[str, Any]]) -> StageContext:
+        """The run's stage context with this solve's own plugins appended and a commit that also saves their state
+        and the solve's stop events (the step counter stays the run's)."""
+        commit = self.stage.commit
+
+        def commit_with_plugins(loop: LoopCheckpoint | None) -> None:
+            if loop is not None:
+                extra = {STAGE_PLUGINS: stage_plugin_states(plugins), SOLVE_EVENTS: copy.deepcopy(events)}
+                loop = replace(loop, state={**loop.state, **extra})
+            commit(loop)
+
+        return replace(self.stage, plugins=[*self.stage.plugins, *plugins], commit=commit_with_plugins)
+
+    def _next_epoch(self, event: dict[str, Any], stopped_at: int, n_examples: int, max_steps: int) -> int | None:
+        """Where the solve continues after a stop: the next epoch's first step for scope ``epoch`` (recorded in the
+        event as ``skipped_steps``), None for a stop that ends the solve."""
+        if event.get("scope") != "epoch":
+            return None
+        train = self.stage.train
+        global_batch = train.batch_size * train.grad_accum * self.world
+        start = min(next_epoch_start(stopped_at, n_examples, global_batch), max_steps)
+        event["skipped_steps"] = start - stopped_at
+        return start
+
     def solve(
         self,
         task: Task,
@@ -193,31 +217,11 @@ class InnerSolver:
     ) -> SolveOutcome:
         """Train ``max_steps`` optimizer steps on ``examples`` (``index`` = position) with per-example ``weights``;
         a stop ends the solve or, with scope ``epoch``, the current epoch of it (see the module docstring)."""
-        plan = StagePlan(
-            self.task_index,
-            task,
-            "unlearn",
-            loss,
-            self.lr,
-            epochs=1.0,
-            max_steps=max_steps,
-            example_weights=weights,
-            reference_state=self.stage.reference_state,
-        )
+        plan = StagePlan(self.task_index, task, "unlearn", loss, self.lr, epochs=1.0, max_steps=max_steps,
+                         example_weights=weights, reference_state=self.stage.reference_state)  # fmt: skip
         restore_stage_plugins(plugins, resume)
         events: list[dict[str, Any]] = [dict(e) for e in (resume or {}).get(SOLVE_EVENTS, [])]
-        commit = self.stage.commit
-
-        def commit_with_plugins(loop: LoopCheckpoint | None) -> None:
-            if loop is not None:
-                extra = {STAGE_PLUGINS: stage_plugin_states(plugins), SOLVE_EVENTS: copy.deepcopy(events)}
-                loop = replace(loop, state={**loop.state, **extra})
-            commit(loop)
-
-        # The stage's own plugins and commit wrapper apply to this solve only; the step counter stays the run's.
-        stage = replace(self.stage, plugins=[*self.stage.plugins, *plugins], commit=commit_with_plugins)
-        train = stage.train
-        global_batch = train.batch_size * train.grad_accum * self.world
+        stage = self._solve_stage(plugins, events)
         metrics: dict[str, float] = {}
         while True:
             result: StageResult = train_task(stage.model, examples, plan, stage, self.ctx, resume=resume)
@@ -227,14 +231,10 @@ class InnerSolver:
                 break
             event = {**result.stopped, "method": stage.method_name, "task": task.name, "global_step": stage.steps.value}
             events.append(event)
-            if event.get("scope") != "epoch":
-                stage.metrics(event)
-                break
-            start = min(next_epoch_start(result.steps, len(examples), global_batch), max_steps)
-            event["skipped_steps"] = start - result.steps
+            start = self._next_epoch(event, result.steps, len(examples), max_steps)
             stage.metrics(event)
-            if start >= max_steps:
-                position = max_steps
+            if start is None or start >= max_steps:
+                position = max_steps if start is not None else position
                 break
             # The next epoch continues this solve: its plugins keep their state (the stop rule's count).
             restore_stage_plugins(plugins, {STAGE_PLUGINS: stage_plugin_states(plugins)})

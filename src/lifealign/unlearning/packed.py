@@ -50,7 +50,6 @@ __all__ = [
     "HeadLogps",
     "PackedRow",
     "pack_examples",
-    "pack_rows",
     "packed_logps",
     "packing_unsupported",
 ]
@@ -66,31 +65,6 @@ Attention = Literal["segments", "mask"]
 
 
 # ----- packing -------------------------------------------------------------------------------------------------------
-
-
-def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices of ``lengths`` grouped into rows of total length ``<= budget`` (a longer item gets a row alone).
-
-    ``ceil(sum / budget)`` rows are opened; items go longest first into the least-filled row with room, a new row
-    being opened when none has (longest-processing-time greedy), so rows are about equally full. Within a row the
-    indices keep ascending order.
-    """
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1, got {budget}")
-    total = sum(lengths)
-    rows: list[list[int]] = [[] for _ in range(max(1, -(-total // budget)))] if lengths else []
-    fill = [0] * len(rows)
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        fits = [r for r in range(len(rows)) if fill[r] + lengths[i] <= budget or not rows[r]]
-        if fits:
-            r = min(fits, key=lambda r: (fill[r], r))
-        else:
-            rows.append([])
-            fill.append(0)
-            r = len(rows) - 1
-        rows[r].append(i)
-        fill[r] += lengths[i]
-    return [sorted(row) for row in rows if row]
 
 
 @dataclass

@@ -247,6 +247,9 @@ class EvalContext:
     generations: dict[str, Generations] = field(default_factory=dict)
     shard: Shard = field(default_factory=Shard)
     """This process's rank among the evaluating processes; the default is a single process."""
+    layout: str = "concat"
+    """How held-out pairs go through the model for their log-probs (``data.collate.LAYOUTS``)."""
+    pack_tokens: int | None = None
 
     def resolved_device(self) -> torch.device:
         if self.device is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lifealign.data.collate import collate_pairs
+from lifealign.data.collate import collate
 from lifealign.data.records import Task
 from lifealign.evaluation.scorers.base import EvalContext, ItemScores, PairLogps, Scorer, eval_mode, task_examples
 from lifealign.training.forward import batch_logps
@@ -88,11 +88,14 @@ def pair_logps(
     pad_id: int,
     *,
     batch_size: int,
+    layout: str = "concat",
+    pack_tokens: int | None = None,
 ) -> PairLogps:
-    """Summed response log-probs (and response token counts) of both sides of every example, one forward per batch."""
+    """Summed response log-probs (and response token counts) of both sides of every example, one forward per batch
+    of ``batch_size`` pairs laid out as ``layout`` (``data.collate``; ``concat``: chosen rows then rejected rows)."""
     parts: dict[str, list[torch.Tensor]] = {key: [] for key in _PAIR_KEYS}
     for start in range(0, len(examples), batch_size):
-        batch = collate_pairs(examples[start : start + batch_size], pad_id)  # chosen rows then rejected rows
+        batch = collate(examples[start : start + batch_size], pad_id, layout=layout, pack_tokens=pack_tokens)
         logps = batch_logps(model, batch)  # the LM head runs only on response positions
         for key in ("chosen_logps", "rejected_logps"):
             parts[key].append(logps[key].float().cpu())
@@ -115,7 +118,14 @@ def sharded_pair_logps(ctx: EvalContext, examples: list[dict[str, Any]]) -> Pair
     """:func:`pair_logps` of ``ctx.model`` as it is now, each rank on its slice of ``examples``, gathered on all."""
 
     def rows(part: list[dict[str, Any]]) -> list[tuple[float, float, int, int]]:
-        lp = pair_logps(ctx.model, part, ctx.tokenizer.pad_token_id, batch_size=ctx.eval.batch_size)
+        lp = pair_logps(
+            ctx.model,
+            part,
+            ctx.tokenizer.pad_token_id,
+            batch_size=ctx.eval.batch_size,
+            layout=ctx.layout,
+            pack_tokens=ctx.pack_tokens,
+        )
         columns = (lp.chosen.tolist(), lp.rejected.tolist(), lp.chosen_tokens.tolist(), lp.rejected_tokens.tolist())
         return list(zip(*columns, strict=True))
 
