@@ -62,3 +62,43 @@ def test_bf16_autocast_sequence_logps_match_fp32(model_and_batch):
         assert bf16[f"{side}_logps"].dtype == torch.float32
         gap = (bf16[f"{side}_logps"] - fp32[f"{side}_logps"]).abs() / fp32[f"{side}_tokens"]
         assert 0 < gap.max().item() < 2e-2, gap
+
+
+def test_mean_logits_per_side_are_trls_logits_metrics_in_every_layout(model_and_batch):
+    """trl's ``logits/chosen``: the mean of the logits over the vocabulary and every chosen response token of the
+    batch (``logits[chosen rows][loss mask].mean()``); ours is ``Σ logits_sum / Σ tokens``, in each layout."""
+    from lifealign.data.collate import collate
+
+    model, batch = model_and_batch
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    predicting = batch["completion_mask"][:, 1:].bool()  # position t-1 predicts response token t
+    b = batch["n_pairs"]
+    expected = {
+        side: logits[k * b : (k + 1) * b, :-1][predicting[k * b : (k + 1) * b]].mean().item()
+        for k, side in enumerate(("chosen", "rejected"))
+    }
+    examples = [
+        {"id": i, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+        for i, (p, c, r) in enumerate(zip(*_unpad(batch), strict=True))
+    ]
+    for layout in ("concat", "shared", "packed"):
+        with torch.no_grad():
+            out = batch_logps(model, collate(examples, 0, layout=layout))
+        for side in ("chosen", "rejected"):
+            got = (out[f"{side}_logits_sum"].sum() / out[f"{side}_tokens"].sum()).item()
+            assert got == pytest.approx(expected[side], abs=1e-5), (layout, side)
+
+
+def _unpad(batch):
+    """Prompt, chosen and rejected ids of every pair of a concat batch (from its masks)."""
+    b, prompts, chosen, rejected = batch["n_pairs"], [], [], []
+    for i in range(b):
+        for k, bucket in ((0, chosen), (1, rejected)):
+            row = batch["input_ids"][k * b + i]
+            response = batch["completion_mask"][k * b + i].bool()
+            bucket.append(row[response].tolist())
+            if k == 0:
+                prompt = batch["attention_mask"][i].bool() & ~response
+                prompts.append(row[prompt].tolist())
+    return prompts, chosen, rejected

@@ -39,8 +39,10 @@ def test_training_moves_lora_only_and_first_dpo_step_is_ln2(tmp_path):
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "step"]
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0 (F24)
     assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    trl_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected")
+    for key in (*trl_names, "logits/chosen", "logits/rejected", "epoch"):
         assert key in steps[-1]
+    assert steps[-1]["epoch"] == pytest.approx(4 * 4 / 16)  # 4 steps of 4 pairs over 16 training pairs
     assert steps[-1]["loss"] < steps[0]["loss"]
     # the base is bit-identical after training: reload and compare the trained run's model weights
     trained, _ = load_base_with_adapter(cfg)

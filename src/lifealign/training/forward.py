@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from lifealign.data.collate import collate
-from lifealign.losses.logps import label_logps, sum_scored
+from lifealign.losses.logps import label_logps
 from lifealign.losses.spec import LossInputs
 from lifealign.models.lora import load_lora_state, lora_state, reference_context
-from lifealign.training.head import output_head, selected_logits
+from lifealign.training.head import output_head, per_side, selected_logits
 from lifealign.training.packed import segment_logps
 
 __all__ = [
@@ -33,7 +33,7 @@ __all__ = [
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """``{"<side>_logps": (B,), "<side>_tokens": (B,)}`` for every side of a batch, in pair order.
+    """``{"<side>_logps": (B,), "<side>_tokens": (B,), "<side>_logits_sum": (B,)}`` for every side, in pair order.
 
     Dispatches on ``batch["layout"]`` (``lifealign.data.collate.collate``): ``shared`` and ``packed`` batches go
     through ``segment_logps``; a ``concat`` batch (or one without a layout, from ``collate_pairs``) is one forward
@@ -48,13 +48,7 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torc
     scored = batch["completion_mask"].to(device)[:, 1:].bool()  # (N, T-1): position t-1 predicts response token t
     logits = scored_logits(model, input_ids, batch["attention_mask"].to(device), scored)
     per_token = label_logps(logits, input_ids[:, 1:][scored])
-    logps, n_tokens = sum_scored(per_token, scored), scored.sum(dim=-1)
-    b = batch["n_pairs"]
-    result: dict[str, torch.Tensor] = {}
-    for k, side in enumerate(batch["sides"]):
-        result[f"{side}_logps"] = logps[k * b : (k + 1) * b]
-        result[f"{side}_tokens"] = n_tokens[k * b : (k + 1) * b]
-    return result
+    return per_side(logits, per_token, scored, tuple(batch["sides"]), batch["n_pairs"])
 
 
 def scored_logits(

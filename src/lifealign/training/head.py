@@ -10,7 +10,9 @@ import torch
 from torch.nn import DataParallel
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["output_head", "selected_logits", "unwrap"]
+from lifealign.losses.logps import sum_scored
+
+__all__ = ["output_head", "per_side", "selected_logits", "unwrap"]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -63,3 +65,24 @@ def selected_logits(
         f"the model returned logits of shape {tuple(logits.shape)} for {tuple(shape)} input ids with "
         f"{n_selected} scored positions: expected ({n_selected}, vocab) or (*input shape, vocab)"
     )
+
+
+def per_side(
+    logits: torch.Tensor, per_token: torch.Tensor, scored: torch.Tensor, sides: tuple[str, ...], n_pairs: int
+) -> dict[str, torch.Tensor]:
+    """The per-pair outputs of a forward, side by side: ``<side>_logps`` (summed log-probs), ``<side>_tokens`` and
+    ``<side>_logits_sum`` (the sum over response positions of the mean logit over the vocabulary, detached: trl's
+    ``logits/<side>`` is its total over the batch divided by the tokens).
+
+    ``logits (M, V)`` and ``per_token (M,)`` are in the row-major order of the True entries of ``scored (S * B, L)``,
+    rows side-major (``S`` sides of ``B = n_pairs`` pairs).
+    """
+    logps, n_tokens = sum_scored(per_token, scored), scored.sum(dim=-1)
+    with torch.no_grad():
+        logit_sums = sum_scored(logits.detach().mean(dim=-1, dtype=torch.float32), scored)
+    out: dict[str, torch.Tensor] = {}
+    for k, side in enumerate(sides):
+        rows = slice(k * n_pairs, (k + 1) * n_pairs)
+        out[f"{side}_logps"], out[f"{side}_tokens"] = logps[rows], n_tokens[rows]
+        out[f"{side}_logits_sum"] = logit_sums[rows]
+    return out

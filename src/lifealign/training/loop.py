@@ -192,10 +192,14 @@ class _Means:
 
 
 def _record_pair_metrics(means: _Means, out: Any, policy: dict[str, torch.Tensor]) -> None:
-    """trl's names: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/<side>."""
+    """trl's names: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/<side> and
+    logits/<side> (the mean logit over the vocabulary and the micro-batch's response tokens)."""
     for side in ("chosen", "rejected"):
         if f"{side}_logps" in policy:
             means.add(f"logps/{side}", policy[f"{side}_logps"])
+        if f"{side}_logits_sum" in policy:
+            tokens = policy[f"{side}_tokens"].sum().clamp_min(1)
+            means.add(f"logits/{side}", policy[f"{side}_logits_sum"].sum() / tokens)
     if out is not None and out.chosen_rewards is not None and out.rejected_rewards is not None:
         means.add("rewards/chosen", out.chosen_rewards)
         means.add("rewards/rejected", out.rejected_rewards)

@@ -38,8 +38,8 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 
-from lifealign.losses.logps import label_logps, sum_scored
-from lifealign.training.head import selected_logits, unwrap
+from lifealign.losses.logps import label_logps
+from lifealign.training.head import per_side, selected_logits, unwrap
 
 __all__ = ["SEGMENT_ATTENTION", "SegmentPlan", "segment_attention", "segment_logps", "segment_mask"]
 
@@ -243,10 +243,5 @@ def segment_logps(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, to
         )
     per_token = label_logps(logits, batch["labels"].to(device))  # (M,) side-major
     scored = batch["scored"].to(device)  # (S * B, T - 1): the concatenated rows' grid, M True
-    logps, n_scored = sum_scored(per_token, scored), scored.sum(dim=-1)
-    b = batch["n_pairs"]
-    result: dict[str, torch.Tensor] = {}
-    for k, side in enumerate(batch["sides"]):
-        result[f"{side}_logps"] = logps[k * b : (k + 1) * b]
-        result[f"{side}_tokens"] = n_scored[k * b : (k + 1) * b]
+    result = per_side(logits, per_token, scored, tuple(batch["sides"]), batch["n_pairs"])
     return result
