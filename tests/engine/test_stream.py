@@ -353,3 +353,33 @@ def test_a_scorer_that_fails_on_every_item_is_an_error_once_its_items_are_saved(
     saved = {(r["metric"], r["task"], r["row"]) for r in read_items(tmp_path / "run" / "items.jsonl")}
     # the untrained model's evaluation already fails on capitals: every metric of it was written before the error
     assert ("half_broken", "capitals", None) in saved and ("pref_acc", "capitals", None) in saved
+
+
+@pytest.mark.parametrize("negative_first", [True, False])
+def test_a_negative_only_task_skips_its_sft_stage(tmp_path, negative_first):
+    """With ``sft.enabled`` a negative-only task has no chosen responses: first in the stream it used to crash ("no
+    trainable examples"), later it trained SFT on the replay buffer alone. Its SFT stage is skipped and recorded."""
+    tasks = [
+        {"name": "arithmetic", "train": "synthetic:arithmetic", "max_train": 8, "max_test": 4},
+        {"name": "safety", "train": "synthetic:safety", "kind": "negative", "max_train": 8, "max_test": 4},
+    ]
+    tasks = tasks[::-1] if negative_first else tasks
+    cfg = tiny_config(
+        tmp_path,
+        tasks=tasks,
+        method={"name": "er", "loss": {"name": "dpo"}, "plugins": [{"name": "replay", "fraction": 0.5}]},
+        sft={"enabled": True, "max_steps": 1},
+        train={"max_steps": 1},
+        unlearn={"selection": "all", "inner_max_steps": 1},
+    )
+    run_experiment(cfg, report=False)
+    negative = 0 if negative_first else 1
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["stages"][f"t{negative}:sft"] == {
+        "skipped": "negative-only task: no chosen responses to imitate",
+        "steps": 0,
+    }
+    assert info["stages"][f"t{1 - negative}:sft"]["steps"] == 1  # the pairwise task's SFT stage still runs
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "step"]
+    assert not [r for r in steps if r["task_index"] == negative and r["stage"] == "sft"]
+    assert [r["stage"] for r in steps if r["task_index"] == negative] == ["unlearn"]

@@ -11,6 +11,7 @@ the same phases.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,8 @@ from lifealign.training.metrics import MetricsWriter
 from lifealign.training.plugin import PluginContext
 
 __all__ = ["MethodRun", "StreamRunner"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -205,6 +208,13 @@ class StreamRunner:
             plugin.before_task(ctx)
         self.state.references[ctx.task.name] = self.method.section.reference if i > 0 else "base"
 
+    def _skip_sft(self, ctx: PluginContext) -> None:
+        """A negative-only task has no chosen responses to imitate: its SFT stage is skipped, logged and recorded
+        (training it on the replay buffer alone, or on nothing, is not what ``sft.enabled`` asks for)."""
+        reason = "negative-only task: no chosen responses to imitate"
+        logger.info("task %r: SFT stage skipped (%s)", ctx.task.name, reason)
+        self.state.stage_results[f"t{ctx.task_index}:sft"] = {"skipped": reason, "steps": 0}
+
     def _after(self, ctx: PluginContext) -> None:
         for plugin in self.plugins:
             plugin.after_task(ctx)
@@ -241,7 +251,9 @@ class StreamRunner:
         ctx = self._plugin_ctx(task, i)
         self.run.phase(f"t{i}:before", lambda: self._before(ctx))
         records = list(task.train)
-        if self.cfg.sft.enabled:
+        if self.cfg.sft.enabled and task.kind == "negative":
+            self.run.phase(f"t{i}:sft", lambda: self._skip_sft(ctx))
+        elif self.cfg.sft.enabled:
             sft_records = [r for r in records if r.chosen.strip()]
             self.run.phase(f"t{i}:sft", lambda: self._train(ctx, "sft", sft_records))
         if task.kind == "pairwise":
