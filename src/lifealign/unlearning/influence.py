@@ -40,6 +40,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
 
 from lifealign.data.collate import collate_pairs
 from lifealign.data.packing import pack_rows
@@ -245,6 +246,11 @@ class _LoraCapture:
         return total
 
 
+def _progress(batches: Sequence[Any], n_examples: int) -> Any:
+    """A tqdm bar over the scoring batches (with its ETA); off when the output is not a terminal."""
+    return tqdm(batches, desc=f"U2A impact scores ({n_examples} candidates)", unit="batch", leave=False, disable=None)
+
+
 def fast_scores(
     model: nn.Module,
     examples: Sequence[dict[str, Any]],
@@ -280,7 +286,7 @@ def fast_scores(
     layers = lora_layers(model)
     out: list[Tensor] = []
     with _scoring_mode(model):
-        for start in range(0, len(examples), batch_size):
+        for start in _progress(range(0, len(examples), batch_size), len(examples)):
             batch = collate_pairs(examples[start : start + batch_size], pad_id, sides=FORGET)
             with _LoraCapture(layers, direction) as cap:
                 with _autocast(precision, model):
@@ -306,7 +312,7 @@ def _scores_by_row(
     layers = lora_layers(model)
     scores = torch.zeros(len(examples))
     with _scoring_mode(model):
-        for row in rows:
+        for row in _progress(rows, len(examples)):
             packed = pack_examples([examples[i] for i in row])
             index = torch.tensor(row)
             with _LoraCapture(layers, direction) as cap:
