@@ -27,10 +27,17 @@ def test_metrics_at_the_reference_after_a_change_and_with_a_generation_scorer(lo
     retain = tokenize(task.train[3:], tok, ("chosen",))
     sets = prepare_eval_sets(model, tok, DATA, task.test, forget, retain, limit=None, batch_size=2)
     cfg = EvalSection(max_new_tokens=4, generation_examples=2, batch_size=2)
-    metrics = evaluate_unlearning(
+    evaluation = evaluate_unlearning(
         model, tok, sets, beta=0.3, data=DATA, eval_cfg=cfg, scorers=build_scorers(["pref_acc", "rouge_l"])
     )
+    metrics = evaluation.metrics
     assert metrics["pref_acc"] == 50.0 and metrics["margin"] == 0.0
+    # per held-out pair, at the reference: a tie (50), margin 0, J = ln 2, delta_J = 0
+    ids = [str(ex["id"]) for ex in sets.test]
+    assert set(evaluation.items) == {"pref_acc", "J", "delta_J", "margin"}
+    assert all(evaluation.items[m].ids == ids for m in evaluation.items)
+    assert evaluation.items["pref_acc"].values == [50.0] * 3 and evaluation.items["margin"].values == [0.0] * 3
+    assert evaluation.items["J"].values == pytest.approx([math.log(2)] * 3, abs=1e-6)
     assert metrics["J"] == pytest.approx(math.log(2), abs=1e-6) and metrics["delta_J"] == pytest.approx(0, abs=1e-6)
     assert 0.0 <= metrics["rouge_l"] <= 100.0
     # forget NLL is token-weighted: -sum log p / sum |y| over the forget responses
@@ -49,5 +56,12 @@ def test_metrics_at_the_reference_after_a_change_and_with_a_generation_scorer(lo
         for p in lora_parameters(model).values():
             p.add_(0.05)
     moved = evaluate_unlearning(model, tok, sets, beta=0.3, data=DATA, eval_cfg=cfg)
-    assert moved["J"] != pytest.approx(math.log(2), abs=1e-4)
-    assert "rouge_l" not in moved
+    assert moved.metrics["J"] != pytest.approx(math.log(2), abs=1e-4)
+    assert "rouge_l" not in moved.metrics
+    # the table's values are the means of the per-pair values; J_i = -log sigmoid(margin_i), delta_J_i = J_i - ln 2
+    items = {m: torch.tensor(v.values, dtype=torch.float64) for m, v in moved.items.items()}
+    for m in ("pref_acc", "J", "delta_J", "margin"):
+        assert moved.metrics[m] == pytest.approx(float(items[m].mean()), abs=1e-12)
+    assert items["J"].tolist() == pytest.approx((-torch.nn.functional.logsigmoid(items["margin"])).tolist(), rel=1e-5)
+    assert (items["delta_J"] - items["J"]).tolist() == pytest.approx([-math.log(2)] * 3, abs=1e-12)
+    assert items["pref_acc"].tolist() == [100.0 * (m > 0) + 50.0 * (m == 0) for m in items["margin"].tolist()]

@@ -13,7 +13,8 @@ from lifealign.cli.main import main
 from lifealign.config import RunConfig, config_from_dict
 from lifealign.config.unlearn import UnlearnSection
 from lifealign.data.records import Task
-from lifealign.engine.unlearn import run_unlearning
+from lifealign.engine.items import read_items
+from lifealign.engine.unlearn import COMPARED, run_unlearning
 from lifealign.training.checkpoint import Checkpointer
 from lifealign.training.metrics import read_metrics
 from lifealign.unlearning.influence import ScoreResult
@@ -74,11 +75,48 @@ def test_cli_unlearn_end_to_end_on_the_tiny_model(tmp_path, capsys):
     # the table moved: every trained method changed J from ln 2
     assert all(table[m]["J"] != table["original"]["J"] for m in ("u2a", "ga", "topk", "dpo"))
 
+    _check_items_and_statistics(run, results, printed)
+
     # --resume on a finished run redoes nothing and reports the same table
-    n_records = len(records)
+    n_records, n_items = len(records), len(read_items(run / "items.jsonl"))
     assert main(["unlearn", config, "--resume"]) == 0
     assert capsys.readouterr().out == printed
     assert len(read_metrics(run / "metrics.jsonl")) == n_records
+    assert len(read_items(run / "items.jsonl")) == n_items
+
+
+def _check_items_and_statistics(run, results, printed: str) -> None:
+    """items.jsonl: one line per method and metric, one value per held-out pair, means = the table; results.json:
+    intervals around the point values, U2A's paired tests against every baseline; the printed table shows both."""
+    table, methods = results["table"], ["original", "u2a", "ga", "topk", "dpo"]
+    lines = read_items(run / "items.jsonl")
+    metrics = ["pref_acc", "J", "delta_J", "margin"]
+    assert [(r["method"], r["metric"]) for r in lines] == [(m, k) for m in methods for k in metrics]
+    n_test = results["data"]["test"]
+    assert n_test == 8 and all(len(r["values"]) == len(r["ids"]) == n_test for r in lines)
+    assert len({tuple(r["ids"]) for r in lines}) == 1  # the same pairs, in the same order, for every method
+    for r in lines:
+        assert sum(r["values"]) / n_test == pytest.approx(table[r["method"]][r["metric"]], abs=1e-9)
+        assert set(r["values"]) <= {0.0, 50.0, 100.0} or r["metric"] != "pref_acc"
+        lo, hi = table[r["method"]][f"{r['metric']}_ci"]
+        assert lo - 1e-9 <= table[r["method"]][r["metric"]] <= hi + 1e-9
+        assert table[r["method"]][f"{r['metric']}_se"] >= 0
+    assert table["original"]["pref_acc_ci"] == [50.0, 50.0]  # every pair a tie: no uncertainty
+    assert results["statistics"]["n_items"] == n_test and results["statistics"]["n_seeds"] == 1
+    rows = results["comparisons"]
+    assert [(c["baseline"], c["metric"]) for c in rows] == [(b, m) for b in ("ga", "topk", "dpo") for m in COMPARED]
+    for c in rows:
+        assert c["method"] == "u2a"
+        assert c["diff"] == pytest.approx(table["u2a"][c["metric"]] - table[c["baseline"]][c["metric"]], abs=1e-9)
+        assert c["ci"][0] - 1e-9 <= c["diff"] <= c["ci"][1] + 1e-9 and 0 < c["p"] <= c["p_holm"] <= 1
+        assert table[c["baseline"]]["vs_u2a"][c["metric"]]["p_holm"] == c["p_holm"]
+    # the printed table (= report.md's) shows the intervals and U2A's tests against each row
+    header = next(line for line in printed.splitlines() if line.startswith("| method"))
+    assert "U2A − row: pref_acc" in header and "U2A − row: delta_J" in header
+    u2a_row = next(line for line in printed.splitlines() if line.startswith("| u2a "))
+    assert f"{table['u2a']['delta_J']:.3f} [{table['u2a']['delta_J_ci'][0]:.3f}, " in u2a_row
+    report = (run / "report.md").read_text()
+    assert "Paired tests: U2A vs each baseline" in report and "p (Holm)" in report
 
 
 def test_forget_nll_bound_stops_unlearning_with_a_structured_event(tmp_path):
@@ -299,3 +337,105 @@ def test_the_u2a_adapter_stacks_on_its_saved_original_with_plain_peft(tmp_path):
     accuracy, _ = preference_accuracy(policy.chosen, policy.rejected, reference.chosen, reference.rejected)
     assert accuracy == pytest.approx(results["table"]["u2a"]["pref_acc"], abs=1e-9)
     assert results["table"]["u2a"]["steps"] > 0
+
+
+# ----- per-pair items across a kill, and bench/u2a.py's aggregation over seeds ------------------------------------
+
+
+def test_a_run_killed_after_an_evaluation_resumes_without_losing_or_doubling_item_lines(tmp_path, monkeypatch):
+    """The kill comes after ``eval:u2a`` wrote its lines but before the phase's commit: the resumed run truncates
+    items.jsonl to the last commit's offset and scores U2A again, so every line is there once, as in a clean run."""
+    import lifealign.engine.run as run_module
+
+    base = {**CONFIG, "unlearn": {**CONFIG["unlearn"], "baselines": ["ga"]}}
+    run_unlearning(config_from_dict({**base, "output_dir": str(tmp_path / "clean")}))
+    real = run_module.maybe_fault
+
+    def kill(point, **where):
+        if point == "phase" and where.get("phase") == "eval:u2a":
+            raise RuntimeError("simulated kill")
+        return real(point, **where)
+
+    monkeypatch.setattr(run_module, "maybe_fault", kill)
+    cfg = config_from_dict({**base, "output_dir": str(tmp_path / "crashed")})
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_unlearning(cfg)
+    written = read_items(tmp_path / "crashed" / "items.jsonl")
+    assert [r["method"] for r in written] == ["original"] * 4 + ["u2a"] * 4  # U2A's lines, not yet committed
+    monkeypatch.setattr(run_module, "maybe_fault", real)
+    resumed = run_unlearning(cfg, resume=True)
+    clean_items = read_items(tmp_path / "clean" / "items.jsonl")
+    assert read_items(tmp_path / "crashed" / "items.jsonl") == clean_items
+    assert [r["method"] for r in clean_items] == ["original"] * 4 + ["u2a"] * 4 + ["ga"] * 4
+    assert resumed["comparisons"] == json.loads((tmp_path / "clean" / "results.json").read_text())["comparisons"]
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "u2a.py"
+    spec = importlib.util.spec_from_file_location("bench_u2a", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _records(method: str, per_seed: dict[str, list[list[float]]], ids=("a", "b", "c", "d")) -> list[list[dict]]:
+    """Per seed, the items.jsonl lines of ``method``: ``per_seed[metric][s]`` are seed ``s``'s per-pair values."""
+    n_seeds = len(next(iter(per_seed.values())))
+    return [
+        [{"method": method, "metric": m, "ids": list(ids), "values": v[s]} for m, v in per_seed.items()]
+        for s in range(n_seeds)
+    ]
+
+
+def test_bench_aggregation_over_seeds_gives_hand_checkable_numbers():
+    """2 seeds x 4 pairs. U2A's pref_acc: 3 wins of 4 in each seed (75); GA has the same per-pair wins (difference 0,
+    p = 1). U2A's delta_J is GA's minus 0.05 on every pair and seed: the paired difference is -0.05 in every
+    resample, so its interval is [-0.05, -0.05] and p = 2 / (B + 1), Holm over the 2 rows: 2 · 2 / (B + 1).
+    U2A's mean delta_J = (-0.4 - 0.4) / 8 = -0.1, -0.1 in each seed. Forget NLL: the seeds' mean, (2 + 3) / 2.
+    The binomial MDE bound at 75% on 4 pairs: (1.960 + 0.842) · sqrt(2 · 0.75 · 0.25) / sqrt(4) = 85.78 points."""
+    bench = _bench_module()
+    wins = [[100.0, 100.0, 0.0, 100.0], [100.0, 0.0, 100.0, 100.0]]
+    u2a_dj = [[-0.2, -0.1, 0.0, -0.1], [-0.1, -0.1, -0.1, -0.1]]
+    ga_dj = [[v + 0.05 for v in seed] for seed in u2a_dj]
+    zeros = [[0.0] * 4, [0.0] * 4]
+    original = _records("original", {"pref_acc": [[50.0] * 4] * 2, "delta_J": zeros})
+    u2a = _records("u2a", {"pref_acc": wins, "delta_J": u2a_dj})
+    ga = _records("ga", {"pref_acc": wins, "delta_J": ga_dj})
+    runs = [o + u + g for o, u, g in zip(original, u2a, ga)]
+    tables = [
+        {m: {"forget_nll": nll, "retain_nll": 1.0, "steps": 9} for m in ("original", "u2a", "ga")} for nll in (2.0, 3.0)
+    ]
+    n_boot = 200
+    summary = bench.aggregate(runs, tables, n_boot=n_boot)
+    table = summary["table"]
+    assert table["u2a"]["pref_acc"] == pytest.approx(75.0) and table["u2a"]["delta_J"] == pytest.approx(-0.1)
+    assert table["u2a"]["per_seed"]["delta_J"] == pytest.approx([-0.1, -0.1])
+    assert table["ga"]["delta_J"] == pytest.approx(-0.05) and table["u2a"]["forget_nll"] == 2.5
+    assert table["original"]["pref_acc_ci"] == pytest.approx([50.0, 50.0])
+    lo, hi = table["u2a"]["pref_acc_ci"]
+    assert 0.0 <= lo <= 75.0 <= hi <= 100.0 and "variance_components" in table["u2a"]
+    assert summary["statistics"]["n_seeds"] == 2 and summary["statistics"]["n_items"] == 4
+    rows = {c["metric"]: c for c in summary["comparisons"]}
+    assert set(rows) == {"pref_acc", "delta_J"} and all(c["baseline"] == "ga" for c in rows.values())
+    dj = rows["delta_J"]
+    assert dj["diff"] == pytest.approx(-0.05) and dj["ci"] == pytest.approx([-0.05, -0.05])
+    assert dj["p"] == pytest.approx(2 / (n_boot + 1)) and dj["p_holm"] == pytest.approx(4 / (n_boot + 1))
+    assert dj["significant"] and dj["mde_items"] == pytest.approx(0.0, abs=1e-12)
+    pa = rows["pref_acc"]
+    assert pa["diff"] == 0.0 and pa["p"] == 1.0 and pa["p_holm"] == 1.0 and not pa["significant"]
+    assert summary["power"]["binomial_bound_at_u2a_accuracy"] == pytest.approx(85.78, abs=0.01)
+    text = bench.render_summary(summary)
+    assert "U2A is significantly better (lower) than ga" in text
+    assert "pref_acc: no significant difference from ga (+0.000, p_holm 1.000)" in text
+
+
+def test_bench_aggregation_refuses_seeds_scored_on_different_pairs():
+    bench = _bench_module()
+    one = _records("u2a", {"pref_acc": [[100.0, 0.0]]}, ids=("a", "b"))[0]
+    other = _records("u2a", {"pref_acc": [[100.0, 0.0]]}, ids=("a", "c"))[0]
+    tables = [{"u2a": {"steps": 9}}] * 2
+    with pytest.raises(ValueError, match="other held-out pairs"):
+        bench.aggregate([one, other], tables, n_boot=100)

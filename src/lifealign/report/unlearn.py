@@ -3,6 +3,10 @@ the alignment objective per method).
 
 The selected subset is described against the whole candidate pool: score statistics, response length and the
 original model's NLL of the response (do the selected negatives differ from the rest?), and the weights.
+
+The table shows each held-out metric with its 95% interval (``<metric>_ci``) and, in each baseline's row, U2A's paired
+difference against it (``vs_u2a``: U2A − row, interval, Holm-adjusted p, ✓ when significant); the paired tests
+section lists ``results["comparisons"]`` in full. Nothing is computed here (``engine/unlearn.py`` does it).
 """
 
 from __future__ import annotations
@@ -15,16 +19,29 @@ from typing import Any
 
 import torch
 
+from lifealign.report.comparisons import SIGNIFICANT_MARK, comparison_verdict
+from lifealign.report.format import format_estimate, format_level, format_p
 from lifealign.report.markdown import escape_markdown, format_number
 from lifealign.report.plots import plot_bar, plot_histogram
 from lifealign.unlearning.selection import weight_stats
 from lifealign.unlearning.u2a import score_stats
 from lifealign.utils.jsonio import atomic_write_text, nan_to_null
 
-__all__ = ["RESULTS_FILE", "TABLE_COLUMNS", "render_unlearn_report", "selection_summary", "write_unlearn_outputs"]
+__all__ = [
+    "RESULTS_FILE",
+    "TABLE_COLUMNS",
+    "comparison_lines",
+    "render_unlearn_report",
+    "selection_summary",
+    "table_lines",
+    "write_unlearn_outputs",
+]
 
 RESULTS_FILE = "results.json"
 TABLE_COLUMNS = ("pref_acc", "J", "delta_J", "margin", "forget_nll", "retain_nll", "steps", "stopped")
+VS_U2A = "vs_u2a"
+COMPARED_LABELS = ("pref_acc", "delta_J")
+NOT_COLUMNS = ("skipped", VS_U2A, "variance_components")
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -55,25 +72,64 @@ def selection_summary(
     }
 
 
+def _is_column(key: str) -> bool:
+    return key not in NOT_COLUMNS and not key.endswith(("_se", "_ci"))
+
+
 def table_lines(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    extra = sorted({k for row in table.values() for k in row if k not in TABLE_COLUMNS and k != "skipped"})
+    """The table: a metric with an interval shows ``value [lo, hi]``; with ``vs_u2a`` in some row, one column per
+    compared metric: U2A − that row, its interval, the Holm-adjusted p and ✓ when significant."""
+    extra = sorted({k for row in table.values() for k in row if k not in TABLE_COLUMNS and _is_column(k)})
     columns = [*TABLE_COLUMNS, *extra]
-    lines = ["| method | " + " | ".join(escape_markdown(c) for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    compared = [m for m in COMPARED_LABELS if any(m in row.get(VS_U2A, {}) for row in table.values())]
+    header = [escape_markdown(c) for c in columns] + [f"U2A − row: {escape_markdown(m)}" for m in compared]
+    lines = ["| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for method, row in table.items():
         if "skipped" in row:
-            cells = [f"skipped: {escape_markdown(row['skipped'])}"] + [""] * (len(columns) - 1)
+            cells = [f"skipped: {escape_markdown(row['skipped'])}"] + [""] * (len(header) - 1)
         else:
-            cells = [_cell(row.get(c)) for c in columns]
+            cells = [_cell(row.get(c), row.get(f"{c}_ci")) for c in columns]
+            cells += [_test_cell(row.get(VS_U2A, {}).get(m)) for m in compared]
         lines.append(f"| {escape_markdown(method)} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, ci: Any = None) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
         return str(value)
-    return format_number(value, 3)
+    return format_estimate(value, ci, 3)
+
+
+def _test_cell(test: Mapping[str, Any] | None) -> str:
+    if not test:
+        return ""
+    mark = f" {SIGNIFICANT_MARK}" if test.get("significant") else ""
+    return f"{format_estimate(test.get('diff'), test.get('ci'), 3)} p_holm {format_p(test.get('p_holm'))}{mark}"
+
+
+def comparison_lines(comparisons: Sequence[Mapping[str, Any]], level: float = 0.95) -> list[str]:
+    """The paired tests of U2A against each baseline, one row per (baseline, metric)."""
+    if not comparisons:
+        return []
+    shown = format_level(level)
+    lines = [
+        f"| baseline | metric | U2A − baseline | {shown} CI | p | p (Holm) | MDE (80% power) | MDE, pairs only | |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        lines.append(
+            f"| {escape_markdown(c.get('baseline'))} | {escape_markdown(c.get('metric'))} "
+            f"| {format_number(c.get('diff'), 3)} | {_ci(c.get('ci') or [None, None])} "
+            f"| {format_p(c.get('p'))} | {format_p(c.get('p_holm'))} | {format_number(c.get('mde'), 3)} "
+            f"| {format_number(c.get('mde_items'), 3)} | {comparison_verdict(c)} |"
+        )
+    return lines
+
+
+def _ci(ci: Sequence[Any]) -> str:
+    return "[" + ", ".join(format_number(v, 3) for v in ci) + "]"
 
 
 def _dict_lines(d: Mapping[str, Any], indent: str = "") -> list[str]:
@@ -104,6 +160,7 @@ def render_unlearn_report(results: Mapping[str, Any], figures: Mapping[str, str]
         "",
         *table_lines(results.get("table", {})),
         "",
+        *_statistics_lines(results),
         "## Data",
         "",
         *_dict_lines(results.get("data", {})),
@@ -139,6 +196,35 @@ def render_unlearn_report(results: Mapping[str, Any], figures: Mapping[str, str]
     if events:
         lines += ["## Events", ""] + [f"- `{escape_markdown(json.dumps(e, default=str))}`" for e in events] + [""]
     return "\n".join(lines)
+
+
+def _statistics_lines(results: Mapping[str, Any]) -> list[str]:
+    stats = results.get("statistics")
+    if not stats:
+        return []
+    level = stats.get("level", 0.95)
+    seeds = stats.get("n_seeds", 1)
+    lines = [
+        f"Intervals: {format_level(level)} {escape_markdown(stats.get('method', 'bootstrap'))} "
+        f"({stats.get('n_items')} held-out pairs, {seeds} seed{'s' if seeds != 1 else ''}, "
+        f"{stats.get('n_boot')} resamples). The per-pair values are in items.jsonl.",
+        "",
+    ]
+    rows = comparison_lines(results.get("comparisons", []), level)
+    if rows:
+        lines += [
+            "## Paired tests: U2A vs each baseline",
+            "",
+            "The same held-out pairs (and seeds) for both methods; the difference's interval and bootstrap p-value "
+            "come from resampling pairs (and seeds) jointly, Holm's correction runs over all rows together. MDE: the "
+            "difference the test detects with 80% power at α = 1 − level (2.8 SE); MDE, pairs only: the same from "
+            "the SD of the per-pair differences. A difference that is not significant and smaller than the MDE "
+            "is not evidence of no difference.",
+            "",
+            *rows,
+            "",
+        ]
+    return lines
 
 
 def write_unlearn_outputs(run_dir: Path, results: dict[str, Any]) -> Path:

@@ -2,7 +2,8 @@
 
 On held-out pairs: preference accuracy of the implicit reward (``pref_acc``, 0-100; the original scores 50, every
 pair a tie) and the alignment objective ``J`` = mean DPO loss with beta = ``unlearn.dpo_beta`` (the original scores
-ln 2; ``delta_J = J - ln 2`` < 0 is better). Forgetting: ``forget_nll``, the token-weighted mean NLL of the forget
+ln 2; ``delta_J = J - ln 2`` < 0 is better). Each comes with its per-pair values (:class:`UnlearnEval`), the items
+every interval and paired test is computed from. Forgetting: ``forget_nll``, the token-weighted mean NLL of the forget
 candidates' responses (higher = more unlearned). Utility: ``retain_nll`` on retain sequences (lower = better).
 Generation scorers configured in ``eval.scorers`` (ROUGE-L, BLEU-4, judge, ...) run on the held-out pairs too.
 """
@@ -21,15 +22,27 @@ from lifealign.config.schema import DataSection, EvalSection
 from lifealign.data.collate import collate_pairs
 from lifealign.data.records import PreferencePair, Task
 from lifealign.data.tokenize import tokenize_pairs
-from lifealign.evaluation.scorers.base import EvalContext, Scorer, Shard, eval_mode
-from lifealign.evaluation.scorers.preference import pair_logps, preference_accuracy, sharded_pair_logps
+from lifealign.evaluation.scorers.base import EvalContext, ItemScores, Scorer, Shard, eval_mode
+from lifealign.evaluation.scorers.preference import implicit_reward_items, pair_logps, sharded_pair_logps
 from lifealign.losses import LOSSES, LossInputs
 from lifealign.models.lora import reference_context
 from lifealign.training.forward import batch_logps
 
-__all__ = ["EvalSets", "evaluate_unlearning", "mean_token_nll", "pooled_nll", "prepare_eval_sets", "token_nll_rows"]
+__all__ = [
+    "ITEM_METRICS",
+    "EvalSets",
+    "UnlearnEval",
+    "evaluate_unlearning",
+    "heldout_items",
+    "mean_token_nll",
+    "pooled_nll",
+    "prepare_eval_sets",
+    "token_nll_rows",
+]
 
 LN2 = math.log(2.0)
+ITEM_METRICS = ("pref_acc", "J", "delta_J", "margin")
+"""The metrics that are means over the held-out pairs, and so have per-pair values."""
 
 
 @dataclass
@@ -98,6 +111,39 @@ def mean_token_nll(
     return pooled_nll(token_nll_rows(model, examples, side, pad_id, batch_size))
 
 
+@dataclass
+class UnlearnEval:
+    """One evaluation: ``metrics`` (the table's row) and, per held-out pair, the values they are means of."""
+
+    metrics: dict[str, float]
+    items: dict[str, ItemScores]
+    """``pref_acc`` (100 / 50 / 0: win, tie, loss), ``J`` (the pair's DPO loss), ``delta_J`` (``J_i - ln 2``) and
+    ``margin`` per held-out pair, in the order of ``EvalSets.test``; ``metrics[m]`` is the mean of ``items[m]``."""
+
+
+def heldout_items(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    ids: Sequence[str],
+    beta: float,
+) -> dict[str, ItemScores]:
+    """Per pair ``i`` with implicit rewards ``r = beta (log pi - log pi_ref)``: ``pref_acc_i = 100 · 1[r_c > r_r]``
+    (50 on a tie), ``margin_i = r_c - r_r``, ``J_i = -log sigmoid(margin_i)`` (DPO's loss, ``LOSSES["dpo"]``) and
+    ``delta_J_i = J_i - ln 2``; all inputs ``(n,)``."""
+    wins, margins = implicit_reward_items(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)
+    inputs = LossInputs(
+        chosen_logps=policy_chosen,
+        rejected_logps=policy_rejected,
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
+    )
+    losses = LOSSES["dpo"].fn(inputs, beta=beta).losses.double()  # (n,)
+    values = {"pref_acc": wins, "J": losses, "delta_J": losses - LN2, "margin": margins}
+    return {name: ItemScores(list(ids), v.tolist()) for name, v in values.items()}
+
+
 def evaluate_unlearning(
     model: nn.Module,
     tokenizer: Any,
@@ -108,8 +154,9 @@ def evaluate_unlearning(
     eval_cfg: EvalSection,
     scorers: Sequence[Scorer] = (),
     shard: Shard | None = None,
-) -> dict[str, float]:
-    """``pref_acc``, ``J``, ``delta_J``, ``margin``, ``forget_nll``, ``retain_nll`` and every extra scorer's keys.
+) -> UnlearnEval:
+    """``pref_acc``, ``J``, ``delta_J``, ``margin`` (with their per-pair values), ``forget_nll``, ``retain_nll`` and
+    every extra scorer's keys.
 
     With ``shard`` (several processes) each rank scores its slice of every set and the results are gathered, so all
     ranks return the same metrics.
@@ -119,18 +166,11 @@ def evaluate_unlearning(
     with eval_mode(model):
         policy = sharded_pair_logps(ctx, sets.test)
     metrics: dict[str, float] = {}
+    items: dict[str, ItemScores] = {}
     if sets.test:
-        accuracy, margin = preference_accuracy(
-            policy.chosen, policy.rejected, sets.ref_chosen, sets.ref_rejected, beta=beta
-        )
-        inputs = LossInputs(
-            chosen_logps=policy.chosen,
-            rejected_logps=policy.rejected,
-            ref_chosen_logps=sets.ref_chosen,
-            ref_rejected_logps=sets.ref_rejected,
-        )
-        objective = float(LOSSES["dpo"].fn(inputs, beta=beta).losses.mean())
-        metrics.update(pref_acc=accuracy, margin=margin, J=objective, delta_J=objective - LN2)
+        ids = [str(ex["id"]) for ex in sets.test]
+        items = heldout_items(policy.chosen, policy.rejected, sets.ref_chosen, sets.ref_rejected, ids, beta)
+        metrics.update({name: items[name].mean() for name in ITEM_METRICS})
     for key, examples, side in (("forget_nll", sets.forget, "rejected"), ("retain_nll", sets.retain, "chosen")):
         rows = ctx.map_sharded(
             examples, lambda part, side=side: token_nll_rows(model, part, side, pad_id, eval_cfg.batch_size)
@@ -141,4 +181,4 @@ def evaluate_unlearning(
         for scorer in extra:
             for key, value in scorer.score(ctx, sets.task).items():
                 metrics[key] = float(value)
-    return metrics
+    return UnlearnEval(metrics, items)
