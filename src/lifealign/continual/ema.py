@@ -112,6 +112,7 @@ class EMAPlugin(Plugin):
     """A slow EMA copy of the adapter, updated after every optimizer step and written into the adapter per task."""
 
     name = "ema"
+    plain_rows_only = True  # the consistency term reads plain rows' hidden states and attention mask
 
     def __init__(
         self,

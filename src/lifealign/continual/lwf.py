@@ -119,6 +119,7 @@ class LwFPlugin(Plugin):
     """LwF: token-level distillation of the previous task's policy on the current task's responses."""
 
     name = "lwf"
+    plain_rows_only = True  # teacher and student logits on plain rows: functional_call of scored_logits
 
     def __init__(
         self, *, lam: float = 1.0, temperature: float = 2.0, stages: tuple[TrainingStage, ...] = TRAINING_STAGES
