@@ -53,6 +53,8 @@ LABELS = {
     "dpo": "DPO on the preference pairs",
 }
 WALL_FILE = "wall.json"
+FIGURES = ("impact_scores.png", "weights.png", "delta_J.png")
+"""report.md's figures, copied beside it."""
 
 
 # ----- running the seeds --------------------------------------------------------------------------------------------
@@ -189,10 +191,11 @@ def verdicts(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
             lines.append(f"- {metric}: U2A is significantly better ({better}) than {', '.join(wins)} (Holm, α = 0.05).")
         if losses:
             lines.append(f"- {metric}: U2A is significantly worse than {', '.join(losses)}.")
+        digits = 1 if metric == "pref_acc" else 3
         if unclear:
             parts = [
-                f"{c['baseline']} ({_num(c['diff'], 3, True)}, p_holm {_p(c['p_holm'])}"
-                + (f"; smaller than the MDE {_num(c['mde'], 3)}" if c.get("underpowered") else "")
+                f"{c['baseline']} ({_num(c['diff'], digits, True)}, p_holm {_p(c['p_holm'])}"
+                + (f"; smaller than the MDE {_num(c['mde'], digits)}" if c.get("underpowered") else "")
                 + ")"
                 for c in unclear
             ]
@@ -203,7 +206,8 @@ def verdicts(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
 def render_summary(summary: Mapping[str, Any], header: Sequence[str] = ()) -> str:
     stats, table = summary["statistics"], summary["table"]
     level = f"{100 * stats['level']:g}%"
-    lines = [*header, "", f"## Methods ({stats['n_items']} held-out pairs × {stats['n_seeds']} seeds)", ""]
+    seeds = f"{stats['n_seeds']} seed{'s' if stats['n_seeds'] != 1 else ''}"
+    lines = [*header, "", f"## Methods ({stats['n_items']} held-out pairs × {seeds})", ""]
     lines += [
         f"Mean over seeds and pairs [{level} interval, {stats['method']}, {stats['n_boot']} resamples]; forget/retain "
         "NLL and steps are means over the seeds. The original model scores pref_acc 50 and ΔJ 0 on every pair.",
@@ -276,7 +280,7 @@ def write_summary(
     for s in done:
         target = results_dir / f"seed-{s}"
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("results.json", ITEMS_FILE, WALL_FILE, "report.md"):
+        for name in ("results.json", ITEMS_FILE, WALL_FILE, "report.md", *FIGURES):
             if (out / f"seed-{s}" / name).exists():
                 shutil.copyfile(out / f"seed-{s}" / name, target / name)
         wall = out / f"seed-{s}" / WALL_FILE
@@ -284,7 +288,12 @@ def write_summary(
     summary.update(seeds=done, wall=walls, data=results[0]["data"], budget=results[0]["budget"])
     text = json.dumps(nan_to_null(summary), indent=2, allow_nan=False)
     (results_dir / "summary.json").write_text(text + "\n")
-    seconds = " / ".join(f"seed {s}: {sum(w['wall_s'] for w in walls[s]):.0f} s" for s in done if walls[s])
+    seconds = "; ".join(
+        f"seed {s}: {sum(w['wall_s'] for w in walls[s]):.0f} s (load average {walls[s][0]['load_start']:.1f} at the "
+        f"start, {walls[s][-1]['load_end']:.1f} at the end{f', {len(walls[s])} sessions' if len(walls[s]) > 1 else ''})"
+        for s in done
+        if walls[s]
+    )
     head = [*header, "", f"Seeds finished: {', '.join(map(str, done))} of {', '.join(map(str, seeds))}. {seconds}"]
     (results_dir / "summary.md").write_text(render_summary(summary, head))
     print((results_dir / "summary.md").read_text())

@@ -429,7 +429,8 @@ def test_bench_aggregation_over_seeds_gives_hand_checkable_numbers():
     assert summary["power"]["binomial_bound_at_u2a_accuracy"] == pytest.approx(85.78, abs=0.01)
     text = bench.render_summary(summary)
     assert "U2A is significantly better (lower) than ga" in text
-    assert "pref_acc: no significant difference from ga (+0.000, p_holm 1.000)" in text
+    assert "pref_acc: no significant difference from ga (+0.0, p_holm 1.000)" in text
+    assert "Methods (4 held-out pairs × 2 seeds)" in text
 
 
 def test_bench_aggregation_refuses_seeds_scored_on_different_pairs():
