@@ -232,7 +232,7 @@ def test_end_to_end_interrupted_mid_stage_resumes_to_the_same_pool(tmp_path, mon
         pass
 
     def fault(point, **where):
-        if point == "step" and where == {"task": 1, "stage": "pref", "step": 1}:
+        if point == "step" and (where["task"], where["stage"], where["step"]) == (1, "pref", 1):
             raise Interrupt
         return False
 
