@@ -17,6 +17,7 @@ from lifealign.continual.ewc import EWCPlugin
 from lifealign.continual.gem import AGEMPlugin, GEMPlugin
 from lifealign.continual.l2p import L2PPlugin
 from lifealign.continual.lwf import LwFPlugin
+from lifealign.continual.merge import MergePlugin
 from lifealign.continual.olora import OLoRAPlugin
 from lifealign.continual.replay import ReplayPlugin
 from lifealign.continual.slmc import SLMCPlugin
@@ -34,6 +35,7 @@ METHODS: dict[str, type[Plugin]] = {
     "cppo": CPPOPlugin,
     "lwf": LwFPlugin,
     "ema": EMAPlugin,
+    "merge": MergePlugin,
 }
 
 __all__ = ["METHODS", "PluginFactory", "bind_plugin"]
