@@ -557,6 +557,8 @@ def run_ours(worker: Worker, shared: Shared) -> None:
         metrics=write_metrics,
         commit=lambda checkpoint: None,
         method_name=config.name,
+        layout=cfg.train.pair_layout,
+        pack_tokens=cfg.train.pack_tokens,
     )
     task = Task("bench", [], [], "pairwise", {})
     plan = StagePlan(0, task, "pref", loss, cfg.train.lr, 1.0, shared.total_steps)
