@@ -297,7 +297,7 @@ def test_a_finished_stream_extended_by_a_task_scores_as_the_longer_stream_run_fr
 
 @pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused_at_once_and_the_first_completes(tmp_path):
-    cfg = tiny_config(tmp_path, n_tasks=2, train={"max_steps": 40, "save_every": 1000})  # long enough to overlap
+    cfg = tiny_config(tmp_path, n_tasks=2, train={"max_steps": 100, "save_every": 1000})  # outlasts the second start
     path = _write_cfg(tmp_path, cfg)
     out = tmp_path / "shared"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
