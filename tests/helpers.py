@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,3 +51,17 @@ def perturb_lora_b(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -> 
         for name, param in lora_parameters(model).items():
             if ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_lifealign(args: list[str], fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m lifealign ARGS`` from the repository root, offline, with ``LIFEALIGN_FAULT`` set to ``fault`` only."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("LIFEALIGN_FAULT", None)
+    if fault:
+        env["LIFEALIGN_FAULT"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "lifealign", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -19,7 +19,7 @@ from lifealign.engine.experiment import run_experiment
 from lifealign.engine.run import ResumeError
 from lifealign.training.metrics import read_metrics
 from lifealign.training.plugin import Plugin
-from tests.helpers import tiny_config
+from tests.helpers import run_lifealign, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 CALLS: list[str] = []
@@ -96,13 +96,7 @@ def _write_cfg(tmp_path: Path, cfg) -> Path:
 
 
 def _cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("LIFEALIGN_FAULT", None)
-    if fault:
-        env["LIFEALIGN_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "lifealign", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    return run_lifealign(args, fault)
 
 
 def _final_state(run_dir: Path) -> tuple[dict, dict, list]:

@@ -5,16 +5,14 @@ scores.json and report.md under its name."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import run_lifealign
 
 PLUGINS = {
     "lwf": "[{name: lwf, lam: 1.0, temperature: 2.0}]",
@@ -23,19 +21,11 @@ PLUGINS = {
 }
 
 
-def _lifealign(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("LIFEALIGN_FAULT", None)
-    if fault:
-        env["LIFEALIGN_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "lifealign", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
 def _run(name: str, out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
     overrides = [f"method.name={name}", "method.loss={name: dpo, beta: 0.1}", f"method.plugins={PLUGINS[name]}"]
-    return _lifealign(["run", "configs/tiny-stream.yaml", "--out", str(out), *extra, *overrides], fault=fault)
+    return run_lifealign(
+        ["run", "configs/tiny-stream.yaml", "--out", str(out), *extra, *overrides], fault=fault, timeout=600
+    )
 
 
 @pytest.mark.slow
