@@ -266,6 +266,32 @@ def test_seeds_run_in_their_own_folders_and_a_kill_in_the_second_resumes_to_the_
     assert "er" in report and "[" in report and "p (Holm)" in report or "Holm" in report
 
 
+def test_one_seed_in_its_folder_marks_the_run_at_once_so_a_crash_before_the_end_resumes(tmp_path, monkeypatch):
+    """``--seeds 3`` alone runs in ``seed-3/``; the top-level folder is a run from the start, so a run that dies
+    inside the seed is resumed (not refused as a foreign non-empty folder) and ends with the uninterrupted scores."""
+    from lifealign.engine import experiment
+    from lifealign.engine.rundir import is_run_dir
+
+    cfg = tiny_config(tmp_path, n_tasks=2, train={"max_steps": 2, "save_every": 1}, eval={"scorers": ["pref_acc"]})
+    clean = run_experiment(cfg, tmp_path / "clean", seeds=[3], report=False)
+    real_run_stream = experiment.StreamRunner.run_stream
+
+    def crash(self):
+        raise RuntimeError("killed inside seed 3")
+
+    monkeypatch.setattr(experiment.StreamRunner, "run_stream", crash)
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="inside seed 3"):
+        run_experiment(cfg, out, seeds=[3], report=False)
+    assert is_run_dir(out) and (out / "seed-3").is_dir() and not (out / "seed-3" / "scores.json").exists()
+    monkeypatch.setattr(experiment.StreamRunner, "run_stream", real_run_stream)
+    resumed = run_experiment(cfg, out, resume="auto", seeds=[3], report=False)
+    assert json.dumps(resumed, sort_keys=True) == json.dumps(clean, sort_keys=True)  # NaN-safe equality
+    assert json.loads((out / "seed-3" / "scores.json").read_text()) == json.loads(
+        (tmp_path / "clean" / "seed-3" / "scores.json").read_text()
+    )
+
+
 def test_a_finished_stream_extended_by_a_task_scores_as_the_longer_stream_run_from_the_start(tmp_path):
     """Appending a fourth task to a finished three-task run and resuming learns it with every plugin's state
     (replay's buffer here) and keeps the finished rows: the same numbers as the four-task stream from the start."""

@@ -276,8 +276,9 @@ def run_experiment(
     runs = plan_runs(cfg, seeds, orders)
     with claim_run_dir(run_dir, resume=resume, overwrite=overwrite):
         started = time.monotonic()
-        sub_resume: bool | str = "auto" if resume and len(runs) > 1 else resume
-        if len(runs) > 1 and _is_main():  # the folder is a run from now on (a kill before the end can be resumed)
+        nested = any(r.folder for r in runs)  # seed-<s>/, order-<k>/seed-<s>/: even one seed is in a sub-folder
+        sub_resume: bool | str = "auto" if resume and nested else resume
+        if nested and _is_main():  # the folder is a run from now on (a kill before the end can be resumed)
             write_resolved_config(cfg, run_dir)
         results = [_run_stream(r.cfg, run_dir / r.folder, sub_resume, strict_resume, allow_config_change) for r in runs]
         by_order = [[res for res, r in zip(results, runs) if r.order == k] for k in sorted({r.order for r in runs})]
