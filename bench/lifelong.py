@@ -58,7 +58,6 @@ def main() -> int:
         missing = set(args.methods) - {m.name for m in chosen}
         if missing:
             parser.error(f"unknown method(s) {sorted(missing)}; the config has {[m.name for m in cfg.all_methods()]}")
-        cfg = cfg.model_copy(update={"methods": chosen})
 
     started = time.monotonic()
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
@@ -69,6 +68,7 @@ def main() -> int:
         allow_config_change=args.allow_config_change,
         seeds=seeds,
         orders=args.orders,
+        methods=args.methods or None,  # each in its own folder, as in a run of all of them
     )
     wall = time.monotonic() - started
     metrics = [m for m in dict.fromkeys(k for s in scores.values() for k in s) if m in SCORE_METRICS]

@@ -292,6 +292,30 @@ def test_one_seed_in_its_folder_marks_the_run_at_once_so_a_crash_before_the_end_
     )
 
 
+def test_methods_run_alone_keep_their_own_folders_and_add_up_to_the_run_of_all(tmp_path):
+    """``methods=["er"]`` then ``["seqft"]`` on one folder: each method in its own sub-folder (not the run folder, as
+    a one-method config would be), the second run keeps the first's, and each method scores as in the run of both."""
+    methods = [
+        {"name": "seqft", "loss": {"name": "dpo"}},
+        {"name": "er", "loss": {"name": "dpo"}, "plugins": [{"name": "replay", "fraction": 0.5}]},
+    ]
+    cfg = tiny_config(tmp_path, n_tasks=2, methods=methods, train={"max_steps": 2}, eval={"scorers": ["pref_acc"]})
+    both = run_experiment(cfg, tmp_path / "both", report=False)
+    out = tmp_path / "one-by-one"
+    alone = run_experiment(cfg, out, methods=["er"], report=False)
+    assert list(alone) == ["er"] and (out / "er" / "items.jsonl").exists() and not (out / "items.jsonl").exists()
+    added = run_experiment(cfg, out, resume="auto", methods=["seqft"], report=False)
+    assert (out / "seqft" / "items.jsonl").exists() and (out / "er" / "items.jsonl").exists()
+    for name, got in (("seqft", added), ("er", alone)):
+        assert json.dumps(got[name], sort_keys=True) == json.dumps(both[name], sort_keys=True)  # NaN-safe
+    with pytest.raises(ValueError, match=r"\['gem'\] not in the config"):
+        run_experiment(cfg, tmp_path / "unknown", methods=["gem"], report=False)
+    from lifealign.cli.main import build_parser
+
+    args = build_parser().parse_args(["run", "c.yaml", "--methods", "seqft, er", "--seeds", "1,2"])
+    assert args.methods == ["seqft", "er"] and args.seeds == [1, 2]
+
+
 def test_a_finished_stream_extended_by_a_task_scores_as_the_longer_stream_run_from_the_start(tmp_path):
     """Appending a fourth task to a finished three-task run and resuming learns it with every plugin's state
     (replay's buffer here) and keeps the finished rows: the same numbers as the four-task stream from the start."""

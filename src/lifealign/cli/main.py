@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--orders", type=int, help="K task orders: the config's, its named orders:, then seeded permutations"
     )
+    run.add_argument(
+        "--methods",
+        type=_name_list,
+        help="run only these of the config's methods, e.g. seqft,er (each in its own folder, resumable, addable later)",
+    )
     _add_run_args(sub.add_parser("train", help="train one preference task (DPO, IPO, FPO, ...) into a run folder"))
     _add_run_args(sub.add_parser("unlearn", help="U2A: align by unlearning a selected, weighted subset of negatives"))
     ev = sub.add_parser("eval", help="score the base model or a saved adapter on the config's tasks")
@@ -93,6 +98,13 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
 
 
+def _name_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--methods takes comma-separated method names, e.g. seqft,er")
+    return names
+
+
 def _resume_flag(value: str | None) -> bool | str:
     return {"yes": True, "auto": "auto", None: False}[value]
 
@@ -115,6 +127,7 @@ def _cmd_run(args: argparse.Namespace, single_task: bool = False) -> int:
         seeds=getattr(args, "seeds", None),
         orders=getattr(args, "orders", None),
         overwrite=args.overwrite,
+        methods=getattr(args, "methods", None),
     )
     metrics = [m for m in dict.fromkeys(m for by_metric in scores.values() for m in by_metric) if m in SCORE_METRICS]
     print("\n".join(summary_table(scores, metrics, avg=len(metrics) > 1)).replace("\\_", "_"))

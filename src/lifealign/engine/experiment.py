@@ -146,15 +146,23 @@ class StreamResult:
 
 
 def _run_stream(
-    cfg: RunConfig, run_dir: Path, resume: bool | str, strict_resume: bool, allow_config_change: bool
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool | str,
+    strict_resume: bool,
+    allow_config_change: bool,
+    methods: Sequence[str] | None = None,
 ) -> StreamResult:
-    """Every method of ``cfg`` over its stream in ``run_dir``; writes the run's files but no report."""
-    specs = bind_config(cfg)
+    """Every method of ``cfg`` (or those named in ``methods``) over its stream in ``run_dir``; writes the run's files
+    but no report. A config of several methods keeps one folder per method even when ``methods`` names one, so a
+    method run alone resumes and is aggregated like one run with the others."""
+    every = bind_config(cfg)
+    specs = [spec for spec in every if not methods or spec.name in methods]
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     stream = load_stream(cfg.tasks, cfg.data, seed=cfg.train.seed)
     accelerator = make_accelerator(cfg)
-    method_dirs = {spec.name: run_dir if len(specs) == 1 else run_dir / spec.name for spec in specs}
+    method_dirs = {spec.name: run_dir if len(every) == 1 else run_dir / spec.name for spec in specs}
     check_resumable(cfg, specs, method_dirs, resume, allow_config_change)
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -265,12 +273,17 @@ def run_experiment(
     seeds: Sequence[int] | None = None,
     orders: int | None = None,
     overwrite: bool = False,
+    methods: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every method of ``cfg`` over its task stream — once, or once per seed (``seeds``) and task order
     (``orders``), each in its own resumable folder — and write ``scores.json`` (intervals from the per-item scores,
-    hierarchical over seeds), ``comparisons.json`` (paired tests, power) and the report; returns ``scores.json``."""
+    hierarchical over seeds), ``comparisons.json`` (paired tests, power) and the report; returns ``scores.json``.
+    ``methods``: run and report only these of the config's methods (each still in its own folder)."""
     run_dir = Path(out_dir or cfg.output_dir)
-    bind_config(cfg)
+    names = [spec.name for spec in bind_config(cfg)]
+    unknown = sorted(set(methods or ()) - set(names))
+    if unknown:
+        raise ValueError(f"methods: {unknown} not in the config, which has {names}")
     if not cfg.tasks:
         raise ValueError("tasks: the config lists no task")
     runs = plan_runs(cfg, seeds, orders)
@@ -280,7 +293,10 @@ def run_experiment(
         sub_resume: bool | str = "auto" if resume and nested else resume
         if nested and _is_main():  # the folder is a run from now on (a kill before the end can be resumed)
             write_resolved_config(cfg, run_dir)
-        results = [_run_stream(r.cfg, run_dir / r.folder, sub_resume, strict_resume, allow_config_change) for r in runs]
+        results = [
+            _run_stream(r.cfg, run_dir / r.folder, sub_resume, strict_resume, allow_config_change, methods)
+            for r in runs
+        ]
         by_order = [[res for res, r in zip(results, runs) if r.order == k] for k in sorted({r.order for r in runs})]
         if len(runs) == 1:
             scores = results[0].scores
