@@ -165,3 +165,53 @@ def test_packed_scores_equal_naive_on_real_safe_rlhf_negatives(lora_factory):
     kw = dict(pad_id=tok.pad_token_id, ref_logps=cand_ref)
     packed = fast_scores(model, cands, grad_j, loss, token_budget=1024, **kw)
     assert _rel_diff(packed, naive_scores(model, cands, grad_j, loss, **kw)) <= 1e-4
+
+
+def _lora_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, list]]:
+    """Every parameter's value and identity, and each LoRA layer's record of merged adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    merged = {n: list(m.merged_adapters) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return values, ids, merged
+
+
+def test_scores_run_each_lora_layer_merged_and_leave_the_model_untouched(ragged, monkeypatch):
+    """fp32 scores run ``W + s B A`` as one linear layer (the adapter's own modules are never called), equal the
+    adapter path and the oracle, and leave every weight bit-identical and the same object, even after an error."""
+    import lifealign.unlearning.influence as influence
+
+    model, tok, cands, cand_ref, grad_j = ragged
+    loss = forget_loss(UnlearnSection(objective="npo"))
+    kw = dict(pad_id=tok.pad_token_id, ref_logps=cand_ref)
+    before = _lora_state(model)
+    assert any(p.abs().max() > 0 for n, p in before[0].items() if "lora_B" in n)  # W + s B A != W
+    calls = []
+    lora_a = next(iter(influence.lora_layers(model).values()))[0]
+    handle = lora_a.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        merged = {packing: fast_scores(model, cands, grad_j, loss, packing=packing, **kw) for packing in (True, False)}
+        assert calls == []
+        with monkeypatch.context() as patch:
+            patch.setattr(influence, "_mergeable", lambda module, adapter: False)
+            adapter = fast_scores(model, cands, grad_j, loss, **kw)
+        assert calls  # the fallback runs the adapter's modules
+    finally:
+        handle.remove()
+    naive = naive_scores(model, cands, grad_j, loss, **kw)
+    for scores in (merged[True], merged[False], adapter):
+        assert _rel_diff(scores, naive) <= 1e-4
+    after = _lora_state(model)
+    assert after[1] == before[1] and after[2] == before[2] and all(v == [] for v in after[2].values())
+    assert all(torch.equal(after[0][n], before[0][n]) for n in before[0])
+
+    boom = model.get_decoder().layers[-1].register_forward_hook(lambda *args: (_ for _ in ()).throw(OSError("boom")))
+    try:
+        with pytest.raises(OSError, match="boom"):
+            fast_scores(model, cands, grad_j, loss, **kw)
+    finally:
+        boom.remove()
+    after = _lora_state(model)
+    assert after[1] == before[1] and after[2] == before[2]
+    assert all(torch.equal(after[0][n], before[0][n]) for n in before[0])

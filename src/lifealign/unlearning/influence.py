@@ -21,7 +21,10 @@ so for a direction ``(G_A, G_B)``::
 ``fast_scores`` captures ``h`` and ``q = G_A x`` with forward hooks and the ``g_t`` of every example with ONE
 ``autograd.grad`` of the summed per-example losses (examples are independent in a batch, so the output gradients of
 example i's tokens are those of ``l_i``), then contracts per token and sums each example's tokens: no per-example
-backward. By default the candidates are *packed* (``packed.py``): several per row up to a token budget, each with
+backward. In fp32 every LoRA layer runs merged for the scoring, ``y = (W + s B A) x`` as one matmul
+(``_merged_lora``; the original weights are put back untouched), and the hooks take ``[h ; q] = x [A ; G_A]^T`` and
+``g = s dL/dy`` there: the same numbers without the adapter path's memory-bound rank-``r`` passes. By default the
+candidates are *packed* (``packed.py``): several per row up to a token budget, each with
 its own positions and attention, so no FLOP is spent on padding and each score is still that of its candidate
 alone; ``packing=False`` pads every batch to its longest candidate instead. ``naive_scores`` is the reference
 implementation (one backward per example). Scores are taken in eval mode (LoRA dropout off), so both compute the
@@ -189,6 +192,11 @@ def preference_gradient(
 # ----- per-example scores -----------------------------------------------------------------------------------------
 
 
+def _contract(g: Tensor, m: Tensor, z: Tensor) -> Tensor:
+    """Per-token ``(g_t^T m) . z_t``: ``g (N, T, d_out)``, ``m (d_out, 2r)``, ``z (N, T, 2r)`` -> ``(N, T)`` fp32."""
+    return ((g.float() @ m.to(g.device)) * z).sum(-1)
+
+
 class _LoraCapture:
     """Forward hooks that keep, per LoRA layer, ``h = A x`` (lora_B's input), ``q = G_A x`` and ``u = B h``."""
 
@@ -237,13 +245,126 @@ class _LoraCapture:
                 continue
             g_b = self.direction[name][1]
             b = self.layers[name][1].weight.detach()
-            m = torch.cat([g_b, b.float()], dim=1).to(g.device)  # (d_out, 2r)
-            z = torch.cat([self.h[name], self.q[name]], dim=-1)  # (N, T, 2r)
-            part = ((g.float() @ m) * z).sum(-1)  # (N, T)
+            part = _contract(g, torch.cat([g_b, b.float()], dim=1), torch.cat([self.h[name], self.q[name]], dim=-1))
             total = part if total is None else total + part
         if total is None:
             raise RuntimeError("no LoRA layer received a gradient from the unlearning loss")
         return total
+
+
+@dataclass
+class _Merged:
+    """One LoRA layer run as a single linear layer ``y = (W + s B A) x`` while scoring."""
+
+    base: nn.Linear  # the wrapped layer, its weight swapped for the merged one
+    weight: nn.Parameter  # the layer's own weight, put back untouched after
+    adapter: str
+    az: Tensor  # (d_in, 2r): [A ; G_A]^T, so x az = [h ; q]
+    m: Tensor  # (d_out, 2r): s [G_B | B], since dL/du = s dL/dy
+
+
+def _mergeable(module: nn.Module, adapter: str) -> bool:
+    """A plain fp32 ``nn.Linear`` LoRA layer with one active adapter, not merged: merging it changes no digit that
+    matters (a bf16 weight would round the small ``s B A`` away, so those keep the adapter path)."""
+    base = module.get_base_layer()
+    return (
+        type(base) is nn.Linear
+        and base.weight.dtype == torch.float32
+        and not getattr(module, "fan_in_fan_out", False)
+        and not module.merged
+        and len(module.active_adapters) == 1
+        and not getattr(module, "lora_bias", {}).get(adapter, False)
+    )
+
+
+@contextlib.contextmanager
+def _merged_lora(model: nn.Module, direction: Direction, precision: Precision) -> Iterator[dict[str, _Merged] | None]:
+    """Every LoRA layer as ONE linear layer ``W + s B A`` for the duration, or None (nothing changed) when some
+    layer cannot be merged or ``precision`` is bf16 (autocast would round the merged weight to bf16).
+
+    The adapter path of a LoRA layer costs, per token, two rank-``r`` matmuls that each read or write a ``d``-wide
+    row, a scaling and an add, and as much again in the backward: a few percent of the step, all memory-bound. The
+    scores need only ``x``, ``h = A x`` and ``dL/du = s dL/dy`` at each layer, which the merged layer gives as well
+    (``[h ; q] = x [A ; G_A]^T``, one matmul). peft's own merge is emulated without its in-place add: the layer's
+    weight is swapped for ``W + s B A`` and peft is told the adapter is merged, so its forward calls the base layer
+    alone; both are put back after, the original weight untouched (an unmerge would leave rounding in ``W``).
+    """
+    modules = dict(model.named_modules())
+    layers = {name: modules[name] for name in lora_layers(model)}
+    adapters = {name: layer.active_adapters[0] for name, layer in layers.items()}
+    if precision != "fp32" or not all(_mergeable(layer, adapters[name]) for name, layer in layers.items()):
+        yield None
+        return
+    merged: dict[str, _Merged] = {}
+    try:
+        for name, layer in layers.items():
+            adapter = adapters[name]
+            base = layer.get_base_layer()
+            a, b = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+            s = float(layer.scaling[adapter])
+            g_a, g_b = (t.to(a.device, torch.float32) for t in direction[name])
+            entry = _Merged(
+                base=base,
+                weight=base.weight,
+                adapter=adapter,
+                az=torch.cat([a.float(), g_a], dim=0).t().contiguous(),
+                m=torch.cat([g_b, b.float()], dim=1) * s,
+            )
+            base.weight = nn.Parameter(torch.addmm(base.weight.detach(), b, a, alpha=s), requires_grad=False)
+            layer.merged_adapters.append(adapter)
+            merged[name] = entry
+        yield merged
+    finally:
+        for name, entry in merged.items():
+            entry.base.weight = entry.weight
+            layers[name].merged_adapters.remove(entry.adapter)
+
+
+class _MergedCapture:
+    """Forward hooks on the merged layers that keep ``z = [h ; q] = x [A ; G_A]^T`` and the output ``y``."""
+
+    def __init__(self, merged: dict[str, _Merged]):
+        self.merged = merged
+        self.z: dict[str, Tensor] = {}
+        self.u: dict[str, Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _MergedCapture:
+        for name, entry in self.merged.items():
+            self._handles.append(entry.base.register_forward_hook(self._on_layer(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_layer(self, name: str) -> Callable[..., None]:
+        az = self.merged[name].az
+
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            if name in self.z:
+                raise RuntimeError(f"{name}: LoRA layer called twice in one forward; fast scores need one call")
+            with torch.no_grad():
+                self.z[name] = args[0].float() @ az.to(args[0].device)  # (N, T, 2r)
+            if not out.requires_grad:  # below the first LoRA layer nothing is trainable: the graph starts here
+                out.requires_grad_()
+            self.u[name] = out  # (N, T, d_out), its gradient is dL/dy
+
+        return hook
+
+    def contract(self, grads: Sequence[Tensor | None]) -> Tensor:
+        """Per-token ``sum_layers (dL/dy_t^T s [G_B | B]) . [h_t ; q_t]``, shape ``(N, T)``, fp32."""
+        parts = [_contract(g, self.merged[name].m, self.z[name]) for name, g in zip(self.u, grads) if g is not None]
+        if not parts:
+            raise RuntimeError("no LoRA layer received a gradient from the unlearning loss")
+        return torch.stack(parts).sum(0)
+
+
+def _capture(
+    layers: dict[str, tuple[nn.Module, nn.Module]], direction: Direction, merged: dict[str, _Merged] | None
+) -> _LoraCapture | _MergedCapture:
+    return _LoraCapture(layers, direction) if merged is None else _MergedCapture(merged)
 
 
 def _progress(batches: Sequence[Any], n_examples: int) -> Any:
@@ -285,10 +406,10 @@ def fast_scores(
         return _scores_by_row(model, examples, direction, loss, rows, ref_logps, precision, attention)
     layers = lora_layers(model)
     out: list[Tensor] = []
-    with _scoring_mode(model):
+    with _scoring_mode(model), _merged_lora(model, direction, precision) as merged:
         for start in _progress(range(0, len(examples), batch_size), len(examples)):
             batch = collate_pairs(examples[start : start + batch_size], pad_id, sides=FORGET)
-            with _LoraCapture(layers, direction) as cap:
+            with _capture(layers, direction, merged) as cap:
                 with _autocast(precision, model):
                     policy = batch_logps(model, batch)
                 total = per_example_unlearn_losses(loss, policy, _ref_rows(ref_logps, slice(start, start + batch_size)))
@@ -311,11 +432,11 @@ def _scores_by_row(
     """``fast_scores`` over packed rows: each row's token contributions summed per segment, then put in place."""
     layers = lora_layers(model)
     scores = torch.zeros(len(examples))
-    with _scoring_mode(model):
+    with _scoring_mode(model), _merged_lora(model, direction, precision) as merged:
         for row in _progress(rows, len(examples)):
             packed = pack_examples([examples[i] for i in row])
             index = torch.tensor(row)
-            with _LoraCapture(layers, direction) as cap:
+            with _capture(layers, direction, merged) as cap:
                 with _autocast(precision, model):
                     logps, n_tokens = packed_logps(model, packed, attention)
                 policy = {"rejected_logps": logps, "rejected_tokens": n_tokens}
