@@ -3,7 +3,9 @@
 ``bench/train_step.py`` compares the packed and shared layouts with the concatenated one in fp32 and reports the
 largest absolute difference of a sequence's summed log-prob. Two fp32 forwards that differ only in matmul shapes
 (a packed row vs padded rows) round differently, so that difference has a floor set by fp32 itself. This script
-measures it: the same batches in fp64 (the reference) and in fp32 in each layout, on real pairs of a task.
+measures it: the same batches in fp64 (the reference) and in fp32 in each layout, on real pairs of a task; then,
+per token, where the fp32 error comes from: the 30-layer body (fp32 hidden states through an fp64 head) or the LM
+head and log-softmax (fp64 hidden states through an fp32 head).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/logp_noise_floor.py --data safe-rlhf --batches 5
 """
@@ -37,6 +39,7 @@ def main() -> int:
     args = p.parse_args()
 
     model, tok = load_model_and_tokenizer(ModelSection(name_or_path="smollm2-135m-instruct"))
+    torch.manual_seed(args.seed)  # lora_A is drawn by peft from the global generator
     model = attach_lora(model, LoraSection(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
@@ -66,7 +69,63 @@ def main() -> int:
     print(f"max |fp32 concat - fp64|: {worst['concat']:.2e}")
     print(f"max |fp32 packed - fp64|: {worst['packed']:.2e}")
     print(f"max |fp32 packed - fp32 concat| (the bench's max_abs_logp_diff): {worst['packed_vs_concat']:.2e}")
+    per_token_errors(model, data.examples[: 4 * args.batches], pad)
     return 0
+
+
+def per_token_errors(model: torch.nn.Module, examples: list[dict], pad: int) -> None:
+    """Per-token log-prob errors against fp64 (concat rows): fp32 throughout, fp32 body + fp64 head, fp64 body + fp32
+    head; and fp32 packed vs fp32 concat per token (the scored tokens are the same grid in both layouts)."""
+    import lifealign.training.head as head_module
+    from lifealign.data.collate import collate
+    from lifealign.training.forward import batch_logps
+
+    decoder, weight = model.get_decoder(), model.get_output_embeddings().weight.detach()
+    captured: list[torch.Tensor] = []
+    sum_scored = head_module.sum_scored
+
+    def spy(per_token: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        captured.append(per_token.detach().double())
+        return sum_scored(per_token, scored)
+
+    def token_logps(hidden: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        z = hidden[:, :-1][keep].to(dtype) @ weight.to(dtype).T
+        return (z.gather(1, ids[:, 1:][keep][:, None]).squeeze(1) - z.logsumexp(1)).double()
+
+    errors: dict[str, list[torch.Tensor]] = {"fp32": [], "fp32 body, fp64 head": [], "fp64 body, fp32 head": []}
+    layouts: list[torch.Tensor] = []
+    head_module.sum_scored = spy
+    try:
+        for b in range(0, len(examples), 4):
+            batch = collate(examples[b : b + 4], pad)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            keep = mask[:, 1:].bool()
+            with torch.no_grad():
+                model.double()
+                h64 = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                model.float()
+                h32 = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                exact = token_logps(h64, torch.float64, ids, keep)
+                errors["fp32"].append(token_logps(h32, torch.float32, ids, keep) - exact)
+                errors["fp32 body, fp64 head"].append(token_logps(h32.double(), torch.float64, ids, keep) - exact)
+                errors["fp64 body, fp32 head"].append(token_logps(h64.float(), torch.float32, ids, keep) - exact)
+                per_layout = []
+                for layout in ("concat", "packed"):
+                    captured.clear()  # the first call is the log-probs (a second one may sum logits)
+                    batch_logps(model, collate(examples[b : b + 4], pad, layout=layout))
+                    per_layout.append(captured[0])
+                layouts.append(per_layout[1] - per_layout[0])
+    finally:
+        head_module.sum_scored = sum_scored
+    for name, parts in errors.items():
+        d = torch.cat(parts)
+        print(
+            f"per token, {name} - fp64: mean |err| {d.abs().mean():.2e}, max {d.abs().max():.2e}, mean {d.mean():+.1e}"
+        )
+    d = torch.cat(layouts)
+    print(
+        f"per token, fp32 packed - fp32 concat ({d.numel()} tokens): mean |diff| {d.abs().mean():.2e}, max {d.abs().max():.2e}"
+    )
 
 
 if __name__ == "__main__":
