@@ -37,7 +37,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -197,26 +197,43 @@ def _contract(g: Tensor, m: Tensor, z: Tensor) -> Tensor:
     return ((g.float() @ m.to(g.device)) * z).sum(-1)
 
 
-class _LoraCapture:
-    """Forward hooks that keep, per LoRA layer, ``h = A x`` (lora_B's input), ``q = G_A x`` and ``u = B h``."""
+_H = TypeVar("_H", bound="_Hooks")
 
-    def __init__(self, layers: dict[str, tuple[nn.Module, nn.Module]], direction: Direction):
-        self.layers, self.direction = layers, direction
-        self.h: dict[str, Tensor] = {}
-        self.q: dict[str, Tensor] = {}
+
+class _Hooks:
+    """Forward hooks registered for one forward + backward (``with``); ``u`` keeps, per LoRA layer, the output whose
+    gradient the scores contract."""
+
+    def __init__(self) -> None:
         self.u: dict[str, Tensor] = {}
         self._handles: list[Any] = []
 
-    def __enter__(self) -> _LoraCapture:
-        for name, (lora_a, lora_b) in self.layers.items():
-            self._handles.append(lora_a.register_forward_hook(self._on_a(name)))
-            self._handles.append(lora_b.register_forward_hook(self._on_b(name)))
+    def _register(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def __enter__(self: _H) -> _H:
+        self._handles = list(self._register())
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class _LoraCapture(_Hooks):
+    """Forward hooks that keep, per LoRA layer, ``h = A x`` (lora_B's input), ``q = G_A x`` and ``u = B h``."""
+
+    def __init__(self, layers: dict[str, tuple[nn.Module, nn.Module]], direction: Direction):
+        super().__init__()
+        self.layers, self.direction = layers, direction
+        self.h: dict[str, Tensor] = {}
+        self.q: dict[str, Tensor] = {}
+
+    def _register(self) -> Iterator[Any]:
+        for name, (lora_a, lora_b) in self.layers.items():
+            yield lora_a.register_forward_hook(self._on_a(name))
+            yield lora_b.register_forward_hook(self._on_b(name))
 
     def _on_a(self, name: str) -> Callable[..., None]:
         g_a = self.direction[name][0]
@@ -320,24 +337,17 @@ def _merged_lora(model: nn.Module, direction: Direction, precision: Precision) -
             layers[name].merged_adapters.remove(entry.adapter)
 
 
-class _MergedCapture:
-    """Forward hooks on the merged layers that keep ``z = [h ; q] = x [A ; G_A]^T`` and the output ``y``."""
+class _MergedCapture(_Hooks):
+    """Forward hooks on the merged layers that keep ``z = [h ; q] = x [A ; G_A]^T`` and the output ``u = y``."""
 
     def __init__(self, merged: dict[str, _Merged]):
+        super().__init__()
         self.merged = merged
         self.z: dict[str, Tensor] = {}
-        self.u: dict[str, Tensor] = {}
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> _MergedCapture:
+    def _register(self) -> Iterator[Any]:
         for name, entry in self.merged.items():
-            self._handles.append(entry.base.register_forward_hook(self._on_layer(name)))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+            yield entry.base.register_forward_hook(self._on_layer(name))
 
     def _on_layer(self, name: str) -> Callable[..., None]:
         az = self.merged[name].az
