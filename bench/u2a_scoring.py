@@ -9,14 +9,16 @@ loss on 8 preference pairs. Two cases of forget candidates (safe-rlhf rejected r
 - ``ragged``: the first ``--examples`` rejected responses at their real lengths, truncated as the U2A config does
   (``--config``, ``configs/u2a/safe-rlhf.yaml``: max_length 96, max_prompt_length 48).
 
-Each case times three ways of scoring the same candidates, interleaved in groups of ``--batch-size`` (each group: the
-packed fast pass, the padded fast pass, the same candidates one by one, then a few peak matmuls), so a change in
-the machine's load hits all alike:
+Each case times four ways of scoring the same candidates, interleaved in groups of ``--batch-size`` (each group:
+the packed fast pass, the same without fused kernels, the padded fast pass, the same candidates one by one, then a
+few peak matmuls), so a change in the machine's load hits all alike:
 
-    fast:   ``fast_scores`` as shipped: the group packed into rows of at most ``--token-budget`` tokens (default:
-            batch size x the group's longest candidate), per-candidate positions and attention, no padding
-    padded: ``fast_scores(packing=False)``: the group as one batch padded to its longest candidate
-    naive:  ``naive_scores``: one forward + backward per candidate (the test oracle)
+    fast:   ``fast_scores`` as U2A runs it (``unlearn.score_fused``): the group packed into rows of at most
+            ``--token-budget`` tokens (default: batch size x the group's longest candidate), per-candidate positions
+            and attention, no padding, the RMSNorms, SwiGLU and rotary as fused compiled kernels
+    eager:  the same without the fused kernels (``fused=False``): what they are worth
+    padded: ``fast_scores(packing=False)``: the group as one batch padded to its longest candidate (fused kernels)
+    naive:  ``naive_scores``: one forward + backward per candidate (the test oracle, eager)
 
 and prints, per case and run, seconds per example, GFLOP/s and the fraction of the fp32 matmul peak (measured here
 with a large torch.mm), ``max_rel_diff = max|fast - naive| / max|naive|`` and ``speedup_vs_naive = naive s / fast
@@ -64,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_report  # noqa: E402
 
 CASES = ("fixed", "ragged")
-PATHS = ("fast", "padded", "naive")
+PATHS = ("fast", "eager", "padded", "naive")
 
 
 def matmul_peak(clock: Any, n: int = 2048, repeats: int = 3) -> float:
@@ -171,15 +173,20 @@ def run_case(
     common = dict(pad_id=pad, batch_size=args.batch_size, precision=args.precision)
     paths = {
         "fast": lambda group, rows: fast_scores(
+            model, group, direction, loss, ref_logps=rows, token_budget=args.token_budget, fused=True, **common
+        ),
+        "eager": lambda group, rows: fast_scores(
             model, group, direction, loss, ref_logps=rows, token_budget=args.token_budget, **common
         ),
         "padded": lambda group, rows: fast_scores(
-            model, group, direction, loss, ref_logps=rows, packing=False, **common
+            model, group, direction, loss, ref_logps=rows, packing=False, fused=True, **common
         ),
         "naive": lambda group, rows: naive_scores(model, group, direction, loss, pad_id=pad, ref_logps=rows),
     }
     if args.no_padded:
         del paths["padded"]
+    if args.no_eager:
+        del paths["eager"]
     seconds = {name: 0.0 for name in paths}
     faults = {name: 0 for name in paths}
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in paths}
@@ -210,6 +217,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="candidates per group (and per padded batch)")
     parser.add_argument("--token-budget", type=int, default=None, help="packed row tokens (default: batch x longest)")
     parser.add_argument("--no-padded", action="store_true", help="do not time the padded path")
+    parser.add_argument("--no-eager", action="store_true", help="do not time the fast path without fused kernels")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--no-thp", action="store_true", help="leave THP_MEM_ALLOC_ENABLE unset (see the module)")
     parser.add_argument(
@@ -263,11 +271,15 @@ def main() -> int:
         flops[name] = scoring_flops(body, head, examples)
         print(f"{name}: {len(examples)} candidates; {describe(examples, args.batch_size, args.token_budget)}")
         print(f"{name}: model matmul work {flops[name] / 1e9 / len(examples):.1f} GFLOP per candidate")
-        group, rows = examples[: args.batch_size], cand_ref[: args.batch_size]  # warm-up of both fast paths
-        for packing in (True, False):
+        group, rows = examples[: args.batch_size], cand_ref[: args.batch_size]  # warm-up of every fast path
+        for packing, fused in ((True, True), (True, False), (False, True)):
+            start = time.perf_counter()
             fast_scores(
-                model, group, direction, loss, pad_id=pad, ref_logps=rows, batch_size=args.batch_size, packing=packing
-            )
+                model, group, direction, loss, pad_id=pad, ref_logps=rows, batch_size=args.batch_size,
+                packing=packing, fused=fused,
+            )  # fmt: skip
+            if fused and name == next(iter(cases)) and packing:
+                print(f"first fused pass (torch.compile included): {time.perf_counter() - start:.1f} s")
 
     results: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
     for run in range(1, args.runs + 1):
@@ -282,6 +294,8 @@ def main() -> int:
                 parts.append(f"{path} {s / n:.3f} s/example ({row[f'{path}_peak']:.1%} of peak)")
             if "padded" in seconds:
                 row["speedup_vs_padded"] = seconds["padded"] / seconds["fast"]
+            if "eager" in seconds:
+                row["speedup_vs_eager"] = seconds["eager"] / seconds["fast"]
             results[name].append(row)
             print(
                 f"[{name} run {run}] peak {peak:.1f} GFLOP/s; {'; '.join(parts)}; "
@@ -300,6 +314,8 @@ def main() -> int:
         )
         if "speedup_vs_padded" in med:
             print(f"  speedup_vs_padded: {med['speedup_vs_padded']:.2f}")
+        if "speedup_vs_eager" in med:
+            print(f"  speedup_vs_eager (the fused kernels): {med['speedup_vs_eager']:.2f}")
         print(f"  max_rel_diff: {max(r['max_rel_diff'] for r in rows):.3e}")
         for path in (p for p in PATHS if f"{p}_s" in med):
             print(

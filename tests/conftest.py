@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before transformers / huggingface_hub are imported anywhere: they read these once, at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile's on-disk cache for the tests alone: graphs compiled under pytest pickle references to this
+# conftest, which other processes cannot unpickle (they recompile, with a warning, when they share the cache).
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"lifealign-tests-inductor-{os.getuid()}")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -111,6 +111,14 @@ def test_trajectory_hash_ignores_threads_and_covers_one_method_when_given(tmp_pa
     assert trajectory_hash(two, a2) != trajectory_hash(two, two.all_methods()[1])
 
 
+def test_trajectory_hash_ignores_fused_scoring_kernels_but_not_the_score_precision(tmp_path):
+    base = load_config(write(tmp_path, "unlearn:\n  score_fused: true\n"))
+    eager = base.model_copy(update={"unlearn": base.unlearn.model_copy(update={"score_fused": False})})
+    bf16 = base.model_copy(update={"unlearn": base.unlearn.model_copy(update={"score_precision": "bf16"})})
+    assert trajectory_hash(base) == trajectory_hash(eager)
+    assert trajectory_hash(base) != trajectory_hash(bf16)
+
+
 def test_every_shipped_config_loads():
     configs = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "src/lifealign/configs").rglob("*.yaml"))
     assert configs, "no shipped configs found"

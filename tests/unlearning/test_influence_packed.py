@@ -3,6 +3,7 @@ one-backward-per-example oracle; the packing itself, the packed log-probs and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -215,3 +216,32 @@ def test_scores_run_each_lora_layer_merged_and_leave_the_model_untouched(ragged,
     after = _lora_state(model)
     assert after[1] == before[1] and after[2] == before[2]
     assert all(torch.equal(after[0][n], before[0][n]) for n in before[0])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_fused_scores_equal_naive_and_run_the_fused_kernels(ragged, monkeypatch, packing):
+    """``fused=True`` scores through the compiled RMSNorm / SwiGLU / rotary kernels (on the merged fp32 path only)
+    and still equal the oracle; the bf16 path stays eager."""
+    import lifealign.unlearning.influence as influence
+
+    model, tok, cands, cand_ref, grad_j = ragged
+    loss = forget_loss(UnlearnSection(objective="npo"))
+    kw = dict(pad_id=tok.pad_token_id, ref_logps=cand_ref, packing=packing)
+    reports = []
+    fused_elementwise = influence.fused_elementwise
+
+    @contextlib.contextmanager
+    def spy(m):
+        with fused_elementwise(m) as report:
+            reports.append(report)
+            yield report
+
+    monkeypatch.setattr(influence, "fused_elementwise", spy)
+    fused = fast_scores(model, cands, grad_j, loss, fused=True, **kw)
+    assert len(reports) == 1 and reports[0].rms_norm == 5 and reports[0].mlp == 2 and reports[0].rotary
+    assert (
+        _rel_diff(fused, naive_scores(model, cands, grad_j, loss, pad_id=tok.pad_token_id, ref_logps=cand_ref)) <= 1e-4
+    )
+    fast_scores(model, cands, grad_j, loss, fused=True, precision="bf16", **kw)
+    assert len(reports) == 1  # bf16 scores are not merged, so not fused either
+    assert not any("forward" in vars(m) for m in model.modules())

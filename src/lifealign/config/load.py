@@ -308,6 +308,8 @@ TRAJECTORY_KEYS = ("model", "data", "tasks", "method", "methods", "train", "sft"
 EXECUTION_ONLY_TRAIN_KEYS = ("save_every", "keep_checkpoints", "log_every", "tensorboard", "progress", "threads")
 """``train`` keys that change logging or speed, not the trajectory: a run may resume with other values."""
 
+EXECUTION_ONLY_UNLEARN_KEYS = ("score_fused",)
+"""``unlearn`` keys that change speed, not the trajectory: a run may resume with other values."""
 
 SCORE_ONLY_EVAL_KEYS = ("batch_size", "n_boot", "ci_level", "baseline")
 """``eval`` keys that change speed or the summary statistics, not the scores of a cell: a run may resume with others."""
@@ -322,6 +324,7 @@ def trajectory_signature(cfg: RunConfig, method: MethodSection | None = None) ->
     """
     dumped = cfg.model_dump(mode="json")
     dumped["train"] = {k: v for k, v in dumped["train"].items() if k not in EXECUTION_ONLY_TRAIN_KEYS}
+    dumped["unlearn"] = {k: v for k, v in dumped["unlearn"].items() if k not in EXECUTION_ONLY_UNLEARN_KEYS}
     dumped["eval"] = {k: v for k, v in dumped["eval"].items() if k not in SCORE_ONLY_EVAL_KEYS}
     dumped.setdefault("method", cfg.method.model_dump(mode="json"))  # left out of dumps when ``methods`` is set
     if method is not None:

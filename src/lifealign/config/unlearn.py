@@ -92,6 +92,10 @@ class UnlearnSection(Section):
     """Candidates (of the current weighted set) on which the Hessian-vector products are taken."""
     score_batch_size: int = Field(8, gt=0)
     score_precision: Literal["fp32", "bf16"] = "fp32"
+    score_fused: bool = True
+    """Score with the model's RMSNorms, gated MLPs and rotary embedding as fused kernels built by ``torch.compile``
+    (fp32 only; ``models/fused.py``): the same formulas, fewer passes over memory. Where inductor cannot build (no
+    C++ compiler) the scores run eager, with a warning. Speed only: a run may resume with the other value."""
 
     # ----- data (METHODS.md ADDENDUM C.1) -----
     pa_ratio: float = Field(0.2, gt=0.0, lt=1.0)

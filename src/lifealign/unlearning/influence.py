@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from lifealign.data.collate import collate_pairs
 from lifealign.data.packing import pack_rows
 from lifealign.losses import LOSSES, CombinedLoss
+from lifealign.models.fused import fused_elementwise
 from lifealign.training.forward import batch_logps, loss_inputs
 from lifealign.unlearning.packed import Attention, pack_examples, packed_logps, packing_unsupported
 
@@ -377,6 +378,11 @@ def _capture(
     return _LoraCapture(layers, direction) if merged is None else _MergedCapture(merged)
 
 
+def _fused(model: nn.Module, merged: dict[str, _Merged] | None, fused: bool) -> contextlib.AbstractContextManager:
+    """The fused elementwise kernels on the fp32 merged path when asked for; the model as it is otherwise."""
+    return fused_elementwise(model) if fused and merged is not None else contextlib.nullcontext()
+
+
 def _progress(batches: Sequence[Any], n_examples: int) -> Any:
     """A tqdm bar over the scoring batches (with its ETA); off when the output is not a terminal."""
     return tqdm(batches, desc=f"U2A impact scores ({n_examples} candidates)", unit="batch", leave=False, disable=None)
@@ -395,6 +401,7 @@ def fast_scores(
     packing: bool = True,
     token_budget: int | None = None,
     attention: Attention = "segments",
+    fused: bool = False,
 ) -> Tensor:
     """``s_i = <direction, grad l_i>`` for every example ``(n,)`` fp32, one forward + one backward per row or batch.
 
@@ -402,7 +409,9 @@ def fast_scores(
     the loss needs them (NPO). Packed (default): rows of at most ``token_budget`` tokens, by default
     ``batch_size`` times the longest candidate, i.e. never more tokens than a padded batch would hold; ``attention``
     picks the packed attention (``packed.py``). A model that cannot be packed (``packing_unsupported``) is padded.
-    ``packing=False``: batches of ``batch_size`` padded to their longest candidate.
+    ``packing=False``: batches of ``batch_size`` padded to their longest candidate. ``fused``: on the fp32 merged
+    path, the model's RMSNorms, gated MLPs and rotary embedding run as compiled fused kernels
+    (``models/fused.py``; eager where they cannot be built).
     """
     if not examples:
         return torch.zeros(0)
@@ -413,10 +422,10 @@ def fast_scores(
         lengths = [len(ex["prompt_ids"]) + len(ex["rejected_ids"]) for ex in examples]
         budget = token_budget if token_budget is not None else batch_size * max(lengths)
         rows = pack_rows(lengths, budget)
-        return _scores_by_row(model, examples, direction, loss, rows, ref_logps, precision, attention)
+        return _scores_by_row(model, examples, direction, loss, rows, ref_logps, precision, attention, fused)
     layers = lora_layers(model)
     out: list[Tensor] = []
-    with _scoring_mode(model), _merged_lora(model, direction, precision) as merged:
+    with _scoring_mode(model), _merged_lora(model, direction, precision) as merged, _fused(model, merged, fused):
         for start in _progress(range(0, len(examples), batch_size), len(examples)):
             batch = collate_pairs(examples[start : start + batch_size], pad_id, sides=FORGET)
             with _capture(layers, direction, merged) as cap:
@@ -438,11 +447,12 @@ def _scores_by_row(
     ref_logps: Tensor | None,
     precision: Precision,
     attention: Attention,
+    fused: bool,
 ) -> Tensor:
     """``fast_scores`` over packed rows: each row's token contributions summed per segment, then put in place."""
     layers = lora_layers(model)
     scores = torch.zeros(len(examples))
-    with _scoring_mode(model), _merged_lora(model, direction, precision) as merged:
+    with _scoring_mode(model), _merged_lora(model, direction, precision) as merged, _fused(model, merged, fused):
         for row in _progress(rows, len(examples)):
             packed = pack_examples([examples[i] for i in row])
             index = torch.tensor(row)
@@ -625,9 +635,10 @@ def impact_scores(
     lissa_scale: float = 10.0,
     packing: bool = True,
     token_budget: int | None = None,
+    fused: bool = False,
 ) -> ScoreResult:
     """``s_i = <H^-1 grad J, grad l_i>`` for every candidate (``dJ/dw_i = -s_i``), by ``fast_scores`` (packed by
-    default; ``packing``, ``token_budget`` as there)."""
+    default; ``packing``, ``token_budget``, ``fused`` as there)."""
     objective, grad_j = preference_gradient(
         model, preference, pref_ref_logps, pad_id=pad_id, beta=beta, batch_size=batch_size, precision=precision
     )
@@ -657,5 +668,6 @@ def impact_scores(
         precision=precision,
         packing=packing,
         token_budget=token_budget,
+        fused=fused,
     )
     return ScoreResult(scores=scores, objective=objective, grad_norm=float(flatten_direction(grad_j).norm()))

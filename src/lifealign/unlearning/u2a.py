@@ -158,6 +158,7 @@ class U2A:
             damping=sec.hessian_damping,
             iters=sec.hessian_iters,
             lissa_scale=sec.lissa_scale,
+            fused=sec.score_fused,
         )
 
     def _select(self, inputs: U2AInputs, progress: U2AProgress) -> None:
