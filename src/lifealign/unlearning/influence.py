@@ -23,12 +23,13 @@ so for a direction ``(G_A, G_B)``::
 example i's tokens are those of ``l_i``), then contracts per token and sums each example's tokens: no per-example
 backward. In fp32 every LoRA layer runs merged for the scoring, ``y = (W + s B A) x`` as one matmul
 (``_merged_lora``; the original weights are put back untouched), and the hooks take ``[h ; q] = x [A ; G_A]^T`` and
-``g = s dL/dy`` there: the same numbers without the adapter path's memory-bound rank-``r`` passes. By default the
-candidates are *packed* (``packed.py``): several per row up to a token budget, each with
-its own positions and attention, so no FLOP is spent on padding and each score is still that of its candidate
-alone; ``packing=False`` pads every batch to its longest candidate instead. ``naive_scores`` is the reference
-implementation (one backward per example). Scores are taken in eval mode (LoRA dropout off), so both compute the
-gradient of the same deterministic loss.
+``g = s dL/dy`` there: the same numbers without the adapter path's memory-bound rank-``r`` passes. With
+``fused=True`` (U2A's ``unlearn.score_fused``) the model's RMSNorms, SwiGLU and rotary embedding run there as fused
+compiled kernels (``models/fused.py``). By default the candidates are *packed* (``packed.py``): several per row up to
+a token budget, each with its own positions and attention, so no FLOP is spent on padding and each score is still
+that of its candidate alone; ``packing=False`` pads every batch to its longest candidate instead. ``naive_scores`` is
+the reference implementation (one backward per example). Scores are taken in eval mode (LoRA dropout off), so both
+compute the gradient of the same deterministic loss.
 """
 
 from __future__ import annotations
