@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -107,10 +109,14 @@ def test_everything_is_restored_after_an_error_in_the_block(tiny_model_and_token
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-def test_without_a_compiler_or_after_a_failed_compile_the_model_runs_eager(tiny_model_and_tokenizer, monkeypatch):
+def test_without_a_compiler_or_after_a_failed_compile_the_model_runs_eager(
+    tiny_model_and_tokenizer, monkeypatch, caplog
+):
     model, _ = tiny_model_and_tokenizer
     original_rotary = modeling_llama.apply_rotary_pos_emb
     monkeypatch.setattr(fused_module, "_compile_failure", None)
+    monkeypatch.setattr(fused_module, "_warned", set())
+    caplog.set_level(logging.INFO, logger=fused_module.__name__)
     with monkeypatch.context() as patch:
         patch.setattr(fused_module, "compiler_missing", lambda: "no C++ compiler for torch.compile (test)")
         with fused_elementwise(model) as report:
@@ -135,6 +141,8 @@ def test_without_a_compiler_or_after_a_failed_compile_the_model_runs_eager(tiny_
             assert not any("forward" in vars(m) for m in model.modules())
             assert modeling_llama.apply_rotary_pos_emb is original_rotary
     assert calls.count("swiglu") == 1  # the second block ran eager at once, without trying again
+    levels = [(r.levelname, "compile failed" in r.message) for r in caplog.records if "fused kernels off" in r.message]
+    assert levels == [("WARNING", False), ("WARNING", True), ("INFO", True)]  # each reason warned once
 
 
 def test_fused_rotary_hands_partial_rotary_and_other_signatures_to_the_original():

@@ -188,6 +188,15 @@ def _head_dim(model: nn.Module) -> int | None:
     return head_dim if isinstance(head_dim, int) and head_dim % 2 == 0 else None
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    """A warning the first time a reason comes up in this process, an info line after (U2A scores every round)."""
+    logger.log(logging.INFO if reason in _warned else logging.WARNING, "fused kernels off: %s", reason)
+    _warned.add(reason)
+
+
 @contextlib.contextmanager
 def fused_elementwise(model: nn.Module) -> Iterator[FusedReport]:
     """For the ``with`` block, run ``model``'s RMSNorms, gated MLPs and rotary embedding through fused kernels.
@@ -199,7 +208,7 @@ def fused_elementwise(model: nn.Module) -> Iterator[FusedReport]:
     report = FusedReport()
     report.skipped = _compile_failure or compiler_missing()
     if report.skipped is not None:
-        logger.warning("fused kernels off: %s", report.skipped)
+        _warn_once(report.skipped)
         yield report
         return
     swapped: list[nn.Module] = []
@@ -211,7 +220,7 @@ def fused_elementwise(model: nn.Module) -> Iterator[FusedReport]:
         if not isinstance(exc, Exception):
             raise
         _compile_failure = f"torch.compile failed ({type(exc).__name__}: {exc})"
-        logger.warning("fused kernels off: %s", _compile_failure)
+        _warn_once(_compile_failure)
         yield FusedReport(skipped=_compile_failure)
         return
     logger.info("fused kernels: %d RMSNorm, %d MLP, rotary in %s", report.rms_norm, report.mlp, report.rotary)
