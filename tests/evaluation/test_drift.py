@@ -75,6 +75,19 @@ def test_token_kl_matches_torch_distributions() -> None:
     assert (kl_sum >= 0).all()
 
 
+def test_rows_kl_is_the_same_in_chunks_and_empty_for_no_rows(monkeypatch) -> None:
+    import lifealign.evaluation.drift as drift
+
+    gen = torch.Generator().manual_seed(0)
+    policy, ref = torch.randn(7, 11, generator=gen), torch.randn(7, 11, generator=gen)
+    whole = drift.rows_kl(policy, ref)
+    expected = kl_divergence(Categorical(logits=policy), Categorical(logits=ref))
+    assert torch.allclose(whole, expected, atol=1e-6)
+    monkeypatch.setattr(drift, "CHUNK_ELEMENTS", 25)  # two rows of 11 logits per chunk
+    assert torch.equal(drift.rows_kl(policy, ref), whole)
+    assert drift.rows_kl(policy[:0], ref[:0]).shape == (0,)
+
+
 def test_mean_displacement_by_position_and_by_id() -> None:
     """chosen Δ = (-1 - -1.5, -2 - -1) = (0.5, -1) -> -0.25; rejected Δ = (-4 - -3, -3 - -3) = (-1, 0) -> -0.5."""
     then = PairLogps(["a", "b"], torch.tensor([-1.5, -1.0]), torch.tensor([-3.0, -3.0]))

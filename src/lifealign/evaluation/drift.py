@@ -32,6 +32,8 @@ from lifealign.data.collate import collate_pairs
 from lifealign.data.records import Task
 from lifealign.evaluation.scorers.base import EvalContext, ItemScores, PairLogps, eval_mode, task_examples
 from lifealign.evaluation.scorers.preference import policy_pair_logps
+from lifealign.losses.logps import CHUNK_ELEMENTS, sum_scored
+from lifealign.training.forward import scored_logits
 
 __all__ = [
     "DriftTracker",
@@ -43,8 +45,21 @@ __all__ = [
     "measure_drift",
     "measure_drift_items",
     "measure_drift_with_items",
+    "rows_kl",
     "token_kl",
 ]
+
+
+def rows_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax z_i ‖ softmax z_ref_i) = Σ_v p_i(v) (log p_i(v) − log q_i(v))`` per row: ``(M, V)`` twice ->
+    ``(M,)`` fp32, in chunks of at most ``CHUNK_ELEMENTS`` logits, so the fp32 temporaries stay bounded."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, policy_logits.shape[-1]))
+    parts = []
+    for pol, ref in zip(policy_logits.split(rows), ref_logits.split(rows)):
+        log_p = torch.log_softmax(pol.float(), dim=-1)
+        log_q = torch.log_softmax(ref.float(), dim=-1)
+        parts.append((log_p.exp() * (log_p - log_q)).sum(dim=-1))
+    return torch.cat(parts) if parts else policy_logits.new_zeros(0, dtype=torch.float32)
 
 
 def token_kl(
@@ -54,24 +69,19 @@ def token_kl(
 
     ``policy_logits``/``ref_logits (N, T, V)``, ``completion_mask (N, T)`` (1 on response tokens) ->
     ``(kl_sum (N,) fp32, n_tokens (N,))``, ``kl_sum[i] = Σ_{t≥1, mask[i,t]=1} KL(softmax z[i,t−1] ‖ softmax
-    z_ref[i,t−1])``. One row at a time in fp32, so at most one ``(T, V)`` fp32 copy of each side exists.
+    z_ref[i,t−1])``; only the scored positions are normalised (:func:`rows_kl`).
     """
-    mask = completion_mask[:, 1:].bool()  # (N, T-1): position t-1 predicts response token t
-    sums = []
-    for pol, ref, row_mask in zip(policy_logits[:, :-1], ref_logits[:, :-1], mask):
-        log_p = torch.log_softmax(pol.float(), dim=-1)  # (T-1, V)
-        log_q = torch.log_softmax(ref.float(), dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (T-1,)
-        sums.append(torch.where(row_mask, kl, torch.zeros_like(kl)).sum())
-    kl_sum = torch.stack(sums) if sums else torch.zeros(0)
-    return kl_sum, mask.sum(dim=-1)
+    scored = completion_mask[:, 1:].bool()  # (N, T-1): position t-1 predicts response token t
+    kl = rows_kl(policy_logits[:, :-1][scored], ref_logits[:, :-1][scored])
+    return sum_scored(kl, scored), scored.sum(dim=-1)
 
 
 @torch.no_grad()
 def kl_rows(ctx: EvalContext, examples: list[dict[str, Any]]) -> list[tuple[float, int]]:
     """Per example ``(Σ_t KL_t, n_tokens)`` of ``KL(π‖π_ref)`` over its chosen response, in input order.
 
-    Each rank scores its slice of ``examples`` (``ctx.map_sharded``); the per-example rows are gathered.
+    Both policies' LM heads run on the response positions only (``scored_logits``). Each rank scores its slice of
+    ``examples`` (``ctx.map_sharded``); the per-example rows are gathered.
     """
     device = ctx.resolved_device()
 
@@ -81,12 +91,13 @@ def kl_rows(ctx: EvalContext, examples: list[dict[str, Any]]) -> list[tuple[floa
             batch = collate_pairs(
                 part[start : start + ctx.eval.batch_size], ctx.tokenizer.pad_token_id, sides=("chosen",)
             )
-            inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-            policy_logits = ctx.model(**inputs, use_cache=False).logits
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            scored = batch["completion_mask"].to(device)[:, 1:].bool()
+            policy_logits = scored_logits(ctx.model, ids, mask, scored)
             with ctx.reference_policy():
-                ref_logits = ctx.model(**inputs, use_cache=False).logits
-            kl_sum, n_tokens = token_kl(policy_logits, ref_logits, batch["completion_mask"].to(device))
-            rows += zip(kl_sum.tolist(), n_tokens.long().tolist(), strict=True)
+                ref_logits = scored_logits(ctx.model, ids, mask, scored)
+            kl_sum = sum_scored(rows_kl(policy_logits, ref_logits), scored)
+            rows += zip(kl_sum.tolist(), scored.sum(dim=-1).tolist(), strict=True)
         return rows
 
     with eval_mode(ctx.model):
