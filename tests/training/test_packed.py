@@ -108,6 +108,31 @@ def test_mask_keeps_sides_apart_and_pairs_apart():
     ]
 
 
+def test_a_segment_runs_the_same_sdpa_kernel_as_a_plain_causal_row():
+    """A row that is one segment, prompt + one response, is exactly (bit for bit) the causal SDPA of the whole row,
+    and a second segment in the same row exactly that of its own slice: the segments go through SDPA as 4-D
+    ``(1, H, n, d)`` tensors like transformers' own call (3-D ones would take the unfused math path, which rounds
+    differently), with GQA's 9 query heads on 3 key heads as in SmolLM2."""
+    from lifealign.training.packed import SegmentPlan, segment_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 150, 64, generator=gen) for h in (9, 3, 3))
+    module = torch.nn.Module()
+    plan = SegmentPlan(rows=[[(0, 40, (60,)), (100, 20, (30,))]])
+    out, _ = segment_attention(module, q, k, v, None, scaling=0.125, pair_segments=plan)
+
+    def plain(a: int, b: int) -> torch.Tensor:
+        sl = slice(a, b)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True, scale=0.125, enable_gqa=True
+        )
+        return ref.transpose(1, 2)
+
+    assert out.shape == (1, 150, 9, 64) and plan.calls == 1
+    assert torch.equal(out[:, :100], plain(0, 100))
+    assert torch.equal(out[:, 100:150], plain(100, 150))
+
+
 def test_pack_rows_balances_rows_within_budget():
     """Lengths 5, 3, 4, 2, 7 (21 tokens), budget 8: three rows; longest first into the least-filled row with room:
     7 -> A, 5 -> B, 4 -> C, 3 -> C (4 < 5; 7 <= 8), 2 -> B (5 < 7): A = {4}, B = {0, 3}, C = {1, 2}."""

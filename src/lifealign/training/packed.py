@@ -72,9 +72,10 @@ def segment_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.T
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt: int, **sdpa: Any) -> torch.Tensor:
-    """``q (H, n, d)`` of one response against ``k, v (H_kv, prompt + n, d)``: all of the prompt, causal within."""
-    n = q.shape[1]
-    if prompt == 0 or n == k.shape[1]:
+    """``q (1, H, n, d)`` of one response against ``k, v (1, H_kv, prompt + n, d)``: all of the prompt, causal
+    within."""
+    n = q.shape[2]
+    if prompt == 0 or n == k.shape[2]:
         return scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)
     mask = torch.ones(n, prompt + n, dtype=torch.bool, device=q.device).tril(prompt)  # lower-right causal
     return scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
@@ -104,27 +105,29 @@ def segment_attention(
     length = query.shape[2]
     rows = []
     for r, segments in enumerate(plan.rows):
-        q, k, v = query[r], key[r], value[r]  # (H, L, d), (H_kv, L, d)
+        # 4-D (1, H, L, d) slices: SDPA's fused CPU kernel takes 4-D inputs only (3-D ones fall back to the unfused
+        # math path, slower and rounded differently from the concatenated forward's call)
+        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
         pieces, end = [], 0
         for start, prompt, responses in segments:
             first = start + prompt + responses[0]
             if first > start:
                 pieces.append(
                     scaled_dot_product_attention(
-                        q[:, start:first], k[:, start:first], v[:, start:first], is_causal=True, **sdpa
+                        q[:, :, start:first], k[:, :, start:first], v[:, :, start:first], is_causal=True, **sdpa
                     )
                 )
             end = first
             for n in responses[1:]:
                 if n:
-                    keys = torch.cat([k[:, start : start + prompt], k[:, end : end + n]], dim=1)
-                    values = torch.cat([v[:, start : start + prompt], v[:, end : end + n]], dim=1)
-                    pieces.append(_attend(q[:, end : end + n], keys, values, prompt, **sdpa))
+                    keys = torch.cat([k[:, :, start : start + prompt], k[:, :, end : end + n]], dim=2)
+                    values = torch.cat([v[:, :, start : start + prompt], v[:, :, end : end + n]], dim=2)
+                    pieces.append(_attend(q[:, :, end : end + n], keys, values, prompt, **sdpa))
                 end += n
         if end < length:
-            pieces.append(q.new_zeros(q.shape[0], length - end, value.shape[-1]))
-        rows.append(torch.cat(pieces, dim=1))
-    return torch.stack(rows).transpose(1, 2).contiguous(), None
+            pieces.append(q.new_zeros(1, q.shape[1], length - end, value.shape[-1]))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
