@@ -22,7 +22,7 @@ from lifealign.data.records import PreferencePair
 from lifealign.data.tokenize import tokenize_pairs
 from lifealign.training.forward import batch_logps, compute_reference_logps
 from lifealign.training.head import output_head
-from lifealign.training.packed import SEGMENT_ATTENTION, segment_mask
+from lifealign.training.packed import SEGMENT_ATTENTION, SegmentPlan, segment_attention, segment_mask
 from tests.helpers import perturb_lora_b
 
 PAIR = ("chosen", "rejected")
@@ -109,12 +109,10 @@ def test_mask_keeps_sides_apart_and_pairs_apart():
 
 
 def test_a_segment_runs_the_same_sdpa_kernel_as_a_plain_causal_row():
-    """A row that is one segment, prompt + one response, is exactly (bit for bit) the causal SDPA of the whole row,
-    and a second segment in the same row exactly that of its own slice: the segments go through SDPA as 4-D
-    ``(1, H, n, d)`` tensors like transformers' own call (3-D ones would take the unfused math path, which rounds
-    differently), with GQA's 9 query heads on 3 key heads as in SmolLM2."""
-    from lifealign.training.packed import SegmentPlan, segment_attention
-
+    """Two segments of one row, each a prompt + one response: each is exactly (bit for bit) the causal SDPA of its
+    own slice. The segments go through SDPA as 4-D ``(1, H, n, d)`` tensors like transformers' own call (3-D ones
+    would take the unfused math path, which rounds differently), with GQA's 9 query heads on 3 key heads as in
+    SmolLM2."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 150, 64, generator=gen) for h in (9, 3, 3))
     module = torch.nn.Module()
